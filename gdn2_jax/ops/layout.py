@@ -1,0 +1,62 @@
+"""Sequence layout: which state slot each unit (token or chunk) belongs to.
+
+Both the token-serial reference and the chunk algorithms walk a sequence of units that carries
+one recurrent state. `Segments` says, per unit, which state slot it belongs to, whether the state
+resets to that slot's initial state before the unit, and whether the unit is the slot's last (its
+state after the unit is the slot's final state). Dense batches have one slot covering every unit;
+packed sequences (cu_seqlens) have one slot per sequence. An extra all-zero slot N absorbs units
+that belong to no sequence (chunk padding past the last sequence).
+"""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class Segments(NamedTuple):
+    seq: jax.Array  # int32 [U]: state slot of each unit, in [0, N]
+    first: jax.Array  # bool [U]: reset the state to the slot's initial state before this unit
+    last: jax.Array  # bool [U]: the state after this unit is the slot's final state
+
+
+def dense_segments(num_units):
+    """One slot (0) that starts at unit 0 and ends at the last unit."""
+    units = jnp.arange(num_units)
+    return Segments(
+        seq=jnp.zeros(num_units, jnp.int32), first=units == 0, last=units == num_units - 1
+    )
+
+
+def packed_segments(bounds, num_units):
+    """Slots given by unit boundaries `bounds` (int [N+1], non-decreasing, from 0)."""
+    units = jnp.arange(num_units)
+    n = bounds.shape[0] - 1
+    seq = jnp.searchsorted(bounds[1:], units, side="right").astype(jnp.int32)
+    in_seq = seq < n
+    start = bounds[jnp.minimum(seq, n - 1)]
+    end = bounds[jnp.minimum(seq, n - 1) + 1]
+    # Units past the last sequence belong to the zero slot N and reset into it each time.
+    return Segments(
+        seq=seq,
+        first=jnp.where(in_seq, units == start, True),
+        last=in_seq & (units == end - 1),
+    )
+
+
+def stack_initial_states(initial_state, n_slots, batch, heads, key_dim, value_dim, packed):
+    """Initial states as [N+1, B, H, K, V] float32, the extra slot N being zeros."""
+    if initial_state is None:
+        return jnp.zeros((n_slots + 1, batch, heads, key_dim, value_dim), jnp.float32)
+    h0 = initial_state.astype(jnp.float32)
+    h0 = h0[:, None] if packed else h0[None]
+    return jnp.concatenate([h0, jnp.zeros_like(h0[:1])], axis=0)
+
+
+def unstack_final_states(finals, packed, initial_state, seq_lens):
+    """[N+1, B, H, K, V] -> [N, H, K, V]; an empty sequence's final state is its initial state."""
+    finals = finals[:-1, 0] if packed else finals[0]
+    if packed and initial_state is not None:
+        empty = (seq_lens == 0)[:, None, None, None]
+        finals = jnp.where(empty, initial_state.astype(jnp.float32), finals)
+    return finals
