@@ -1,7 +1,6 @@
 """Public entry points: `gated_delta_rule2`, its recurrent and one-token forms, and the tied-gate
 baselines (KDA, Gated DeltaNet) on the same code path."""
 
-import jax
 import jax.numpy as jnp
 
 from gdn2_jax.ops import core
@@ -51,7 +50,7 @@ def gated_delta_rule2_recurrent(
     cu_seqlens=None,
     use_qk_l2norm=False,
 ):
-    """Token-by-token `jax.lax.scan` reference; same arguments and results as `gated_delta_rule2`."""
+    """Token-by-token `jax.lax.scan` reference; arguments and results as `gated_delta_rule2`."""
     dtype = v.dtype
     q, k, g, scale, h0s, packed = _prepare(
         q, k, v, g, b, w, scale, initial_state, cu_seqlens, use_qk_l2norm

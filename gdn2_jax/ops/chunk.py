@@ -13,7 +13,6 @@ kernels implement the same core. Within one chunk (rows r, s; per head):
 T and A_qk come from `decay_scores`, which never forms K̄ = γ⁻¹ ⊙ k.
 """
 
-import functools
 from typing import NamedTuple
 
 import jax

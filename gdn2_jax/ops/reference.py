@@ -2,7 +2,8 @@
 
 This defines the semantics every other backend is tested against:
 
-    S_t = (I − k_t (b_t ⊙ k_t)ᵀ) Diag(exp(g_t)) S_{t−1} + k_t (w_t ⊙ v_t)ᵀ,   o_t = S_tᵀ (scale · q_t)
+    S_t = (I − k_t (b_t ⊙ k_t)ᵀ) Diag(exp(g_t)) S_{t−1} + k_t (w_t ⊙ v_t)ᵀ
+    o_t = S_tᵀ (scale · q_t)
 """
 
 import jax
