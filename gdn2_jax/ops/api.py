@@ -7,6 +7,7 @@ from gdn2_jax.ops import core
 from gdn2_jax.ops.checks import check_inputs
 from gdn2_jax.ops.layout import (
     Segments,
+    accum_dtype,
     dense_segments,
     packed_segments,
     stack_initial_states,
@@ -23,10 +24,10 @@ def _prepare(q, k, v, g, b, w, scale, initial_state, cu_seqlens, use_qk_l2norm):
         q, k = l2norm(q), l2norm(k)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     B, _, H, K = q.shape
-    V = v.shape[-1]
     packed = cu_seqlens is not None
-    h0s = stack_initial_states(initial_state, n_states, B, H, K, V, packed)
-    return q, k, g.astype(jnp.float32), scale, h0s, packed
+    dtype = accum_dtype(q)
+    h0s = stack_initial_states(initial_state, n_states, (B, H, K, v.shape[-1]), packed, dtype)
+    return q, k, g.astype(accum_dtype(g)), scale, h0s, packed
 
 
 def _finish(o, finals, dtype, packed, initial_state, cu_seqlens, output_final_state):
@@ -133,10 +134,18 @@ def gated_delta_rule2(
     core_fn = _resolve_core(backend)
     if core_fn is None:
         return gated_delta_rule2_recurrent(
-            q, k, v, g, b, w, scale=scale, initial_state=initial_state,
-            output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+            q,
+            k,
+            v,
+            g,
+            b,
+            w,
+            scale=scale,
+            initial_state=initial_state,
+            output_final_state=output_final_state,
+            cu_seqlens=cu_seqlens,
             use_qk_l2norm=use_qk_l2norm,
-        )  # fmt: skip
+        )
     if chunk_size < 16 or chunk_size & (chunk_size - 1):
         raise ValueError(f"chunk_size must be a power of two >= 16, got {chunk_size}")
     dtype = v.dtype
@@ -153,12 +162,22 @@ def gated_delta_rule2_step(q_t, k_t, v_t, g_t, b_t, w_t, state, *, scale=None, u
 
     Returns o_t [B, H, V] in v_t's dtype and the new float32 state.
     """
-    check_inputs(q_t, k_t, v_t, g_t, b_t, w_t, initial_state=state, cu_seqlens=None,
-                 time_axis=False)  # fmt: skip
+    check_inputs(
+        q_t,
+        k_t,
+        v_t,
+        g_t,
+        b_t,
+        w_t,
+        initial_state=state,
+        cu_seqlens=None,
+        time_axis=False,
+        state_name="state",
+    )
     if use_qk_l2norm:
         q_t, k_t = l2norm(q_t), l2norm(k_t)
     scale = q_t.shape[-1] ** -0.5 if scale is None else float(scale)
-    o_t, state = step_update(q_t, k_t, v_t, g_t, b_t, w_t, state.astype(jnp.float32), scale)
+    o_t, state = step_update(q_t, k_t, v_t, g_t, b_t, w_t, state.astype(accum_dtype(state)), scale)
     return o_t.astype(v_t.dtype), state
 
 

@@ -20,7 +20,9 @@ def _require_shape(name, x, expected, ref_name):
         )
 
 
-def check_inputs(q, k, v, g, b, w, *, initial_state, cu_seqlens, time_axis=True):
+def check_inputs(
+    q, k, v, g, b, w, *, initial_state, cu_seqlens, time_axis=True, state_name="initial_state"
+):
     """Validates the [B, T, H, K] / [B, T, H, V] family (or [B, H, K] without time_axis).
 
     Returns the number of state slots N: B, or the number of packed sequences.
@@ -42,9 +44,9 @@ def check_inputs(q, k, v, g, b, w, *, initial_state, cu_seqlens, time_axis=True)
         n_states = check_cu_seqlens(cu_seqlens, batch=q.shape[0], length=q.shape[1])
     if initial_state is not None:
         heads, key_dim, value_dim = q.shape[-2], q.shape[-1], v.shape[-1]
-        _require_float("initial_state", initial_state)
+        _require_float(state_name, initial_state)
         _require_shape(
-            "initial_state",
+            state_name,
             initial_state,
             (n_states, heads, key_dim, value_dim),
             "[N, H, K, V] with N = " + ("number of sequences" if cu_seqlens is not None else "B"),

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from gdn2_jax.ops.decay import HIGHEST, decay_scores
-from gdn2_jax.ops.layout import Segments
+from gdn2_jax.ops.layout import Segments, accum_dtype
 
 
 class ChunkLocal(NamedTuple):
@@ -42,7 +42,7 @@ def _mm(spec, *xs):
 def to_chunks(x, chunk_size):
     """[B, Tp, H, D] -> [B, NT, H, C, D] float32."""
     B, Tp, H, D = x.shape
-    x = x.astype(jnp.float32).reshape(B, Tp // chunk_size, chunk_size, H, D)
+    x = x.astype(accum_dtype(x)).reshape(B, Tp // chunk_size, chunk_size, H, D)
     return x.transpose(0, 1, 3, 2, 4)
 
 

@@ -56,7 +56,7 @@ def chunk_backward(q, k, v, g, b, w, h0s, segments, scale, chunk_size, do, dfina
     q, k, v, g, b, w, dO = (to_chunks(x, chunk_size) for x in (q, k, v, g, b, w, do))
     loc = chunk_local(q, k, v, g, b, w, scale)
     S_in, R, _ = state_pass(loc, h0s, segments)
-    dR, dS_out, dh0s = reverse_state_pass(loc, dO, dfinals.astype(jnp.float32), segments)
+    dR, dS_out, dh0s = reverse_state_pass(loc, dO, dfinals.astype(h0s.dtype), segments)
 
     # Output path (Eqs. 53, 55) and the end-state path (Eqs. 58, 60); A_qk's and T's causal masks
     # need no explicit application: decay_scores' VJP drops the entries it never produces.

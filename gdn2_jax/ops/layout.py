@@ -44,11 +44,16 @@ def packed_segments(bounds, num_units):
     )
 
 
-def stack_initial_states(initial_state, n_slots, batch, heads, key_dim, value_dim, packed):
-    """Initial states as [N+1, B, H, K, V] float32, the extra slot N being zeros."""
+def accum_dtype(x):
+    """float32, or float64 for float64 inputs (x64 mode, for tight gradient checks)."""
+    return jnp.promote_types(jnp.float32, x.dtype)
+
+
+def stack_initial_states(initial_state, n_slots, shape, packed, dtype):
+    """Initial states as [N+1, B, H, K, V] in `dtype`, the extra slot N being zeros."""
     if initial_state is None:
-        return jnp.zeros((n_slots + 1, batch, heads, key_dim, value_dim), jnp.float32)
-    h0 = initial_state.astype(jnp.float32)
+        return jnp.zeros((n_slots + 1, *shape), dtype)
+    h0 = initial_state.astype(dtype)
     h0 = h0[:, None] if packed else h0[None]
     return jnp.concatenate([h0, jnp.zeros_like(h0[:1])], axis=0)
 
@@ -58,5 +63,5 @@ def unstack_final_states(finals, packed, initial_state, seq_lens):
     finals = finals[:-1, 0] if packed else finals[0]
     if packed and initial_state is not None:
         empty = (seq_lens == 0)[:, None, None, None]
-        finals = jnp.where(empty, initial_state.astype(jnp.float32), finals)
+        finals = jnp.where(empty, initial_state.astype(finals.dtype), finals)
     return finals

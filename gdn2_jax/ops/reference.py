@@ -9,18 +9,18 @@ This defines the semantics every other backend is tested against:
 import jax
 import jax.numpy as jnp
 
-from gdn2_jax.ops.layout import Segments
+from gdn2_jax.ops.layout import Segments, accum_dtype
 
 
 def l2norm(x, eps=1e-6):
     """x / ||x|| over the last axis, in float32 (fla's convention: rsqrt(sum x² + eps))."""
-    x32 = x.astype(jnp.float32)
-    return (x32 * jax.lax.rsqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+    xf = x.astype(accum_dtype(x))
+    return (xf * jax.lax.rsqrt(jnp.sum(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
 
 
 def step_update(q, k, v, g, b, w, S, scale):
     """One token for every (batch, head): q, k, g, b [..., K]; v, w [..., V]; S [..., K, V] f32."""
-    q, k, v, g, b, w = (x.astype(jnp.float32) for x in (q, k, v, g, b, w))
+    q, k, v, g, b, w = (x.astype(accum_dtype(x)) for x in (q, k, v, g, b, w))
     S = S * jnp.exp(g)[..., :, None]
     erase = jnp.einsum("...k,...kv->...v", b * k, S)
     S = S + k[..., :, None] * (w * v - erase)[..., None, :]
