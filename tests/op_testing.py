@@ -200,40 +200,21 @@ class OpBackendTests:
             grad = np.asarray(grad)
             assert np.isfinite(grad[:, :30]).all() and np.isfinite(grad[:, 70:]).all()
 
-    def test_kda_reduction_matches_fla(self):
-        shape = Shape(T=100)
-        x = make_inputs(9, shape)
-        beta = np.random.default_rng(9).uniform(0.05, 1.0, (2, 100, 2)).astype(np.float32)
-        o_ref, S_ref = naive_recurrent_kda(
-            *(torch.tensor(x[n]) for n in ("q", "k", "v", "g")),
-            beta=torch.tensor(beta),
-            initial_state=torch.tensor(x["initial_state"]),
-            output_final_state=True,
-        )
-        o, S = kda(
-            *(jnp.asarray(x[n]) for n in ("q", "k", "v", "g")),
-            jnp.asarray(beta),
-            initial_state=jnp.asarray(x["initial_state"]),
-            output_final_state=True,
-            backend=self.backend,
-        )
-        assert rel_err(o, o_ref.numpy()) <= self.FWD_TOL
-        assert rel_err(S, S_ref.numpy()) <= self.FWD_TOL
-
-    def test_gated_delta_rule_reduction_matches_fla(self):
-        x = make_inputs(10, Shape(T=100))
-        rng = np.random.default_rng(10)
+    def check_tied_reduction(self, ours, reference, seed, per_head_decay):
+        """A tied-gate entry point against fla's own naive recurrence for that model."""
+        x = make_inputs(seed, Shape(T=100))
+        rng = np.random.default_rng(seed)
         beta = rng.uniform(0.05, 1.0, (2, 100, 2)).astype(np.float32)
-        g = -rng.uniform(0.0, 1.0, (2, 100, 2)).astype(np.float32)
-        o_ref, S_ref = naive_recurrent_gated_delta_rule(
-            *(torch.tensor(x[n]) for n in ("q", "k", "v")),
-            beta=torch.tensor(beta),
+        g = -rng.uniform(0.0, 1.0, (2, 100, 2)).astype(np.float32) if per_head_decay else x["g"]
+        o_ref, S_ref = reference(
+            *(torch.tensor(x[n]) for n in "qkv"),
             g=torch.tensor(g),
+            beta=torch.tensor(beta),
             initial_state=torch.tensor(x["initial_state"]),
             output_final_state=True,
         )
-        o, S = gated_delta_rule(
-            *(jnp.asarray(x[n]) for n in ("q", "k", "v")),
+        o, S = ours(
+            *(jnp.asarray(x[n]) for n in "qkv"),
             jnp.asarray(g),
             jnp.asarray(beta),
             initial_state=jnp.asarray(x["initial_state"]),
@@ -242,6 +223,14 @@ class OpBackendTests:
         )
         assert rel_err(o, o_ref.numpy()) <= self.FWD_TOL
         assert rel_err(S, S_ref.numpy()) <= self.FWD_TOL
+
+    def test_kda_reduction_matches_fla(self):
+        self.check_tied_reduction(kda, naive_recurrent_kda, 9, per_head_decay=False)
+
+    def test_gated_delta_rule_reduction_matches_fla(self):
+        self.check_tied_reduction(
+            gated_delta_rule, naive_recurrent_gated_delta_rule, 10, per_head_decay=True
+        )
 
     def test_l2norm_and_scale_match_fla(self):
         shape = Shape(T=63, K=16, V=32)
