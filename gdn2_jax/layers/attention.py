@@ -1,0 +1,144 @@
+"""Causal self-attention with RoPE: full, or sliding-window (the hybrid model's SWA mixer)."""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gdn2_jax.layers.init import dense, torch_linear_init
+from gdn2_jax.layers.rope import apply_rope
+
+IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+
+
+class KVCache(NamedTuple):
+    """Ring buffer of rotated keys and values: position p lives in slot p mod L."""
+
+    k: jax.Array  # [B, L, H_kv, D]
+    v: jax.Array  # [B, L, H_kv, D]
+    t: jax.Array  # int32 scalar: tokens seen so far (the next token's position)
+
+
+class Attention(nnx.Module):
+    """Multi-head (or grouped-query) causal attention; `window_size` keys per query when set.
+
+    A window of W lets token t see tokens t−W+1 … t (flash-attention's `window_size=(W−1, 0)`,
+    as lit_gpt's `local_window`). Decoding keeps only the last min(W, max_len) keys in a ring.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        *,
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        window_size: int | None = None,
+        rope_theta: float = 10000.0,
+        rotary_dim: int | None = None,
+        implementation: str = "auto",
+        out_scale: float = 1.0,
+        dtype=None,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        head_dim = hidden_size // num_heads if head_dim is None else head_dim
+        _check_config(num_heads, num_kv_heads, head_dim, window_size, implementation)
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.window_size, self.rope_theta, self.rotary_dim = window_size, rope_theta, rotary_dim
+        self.implementation, self.dtype = implementation, dtype
+        kw = dict(init=torch_linear_init(), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q_proj = dense(hidden_size, num_heads * head_dim, ("embed", "heads"), **kw)
+        self.k_proj = dense(hidden_size, num_kv_heads * head_dim, ("embed", "kv_heads"), **kw)
+        self.v_proj = dense(hidden_size, num_kv_heads * head_dim, ("embed", "kv_heads"), **kw)
+        kw["init"] = torch_linear_init(out_scale)
+        self.o_proj = dense(num_heads * head_dim, hidden_size, ("heads", "embed"), **kw)
+
+    def _qkv(self, x, positions):
+        """x [B, T, hidden] -> q [B, T, H, D], k, v [B, T, H_kv, D], q and k rotated."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).reshape(B, T, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)
+        rope = dict(theta=self.rope_theta, rotary_dim=self.rotary_dim)
+        return apply_rope(q, positions, **rope), apply_rope(k, positions, **rope), v
+
+    def _backend(self, dtype, masked: bool) -> str:
+        if self.implementation != "auto":
+            return self.implementation
+        # cuDNN's fused kernel takes half precision and a causal/window mask, not segment masks.
+        half = dtype in (jnp.bfloat16, jnp.float16)
+        return "cudnn" if jax.default_backend() == "gpu" and half and not masked else "xla"
+
+    def _window(self):
+        return None if self.window_size is None else (self.window_size - 1, 0)
+
+    def _full(self, x, segment_ids):
+        """Attention over the whole input: (y [B, T, hidden], rotated k, v [B, T, H_kv, D])."""
+        B, T, _ = x.shape
+        q, k, v = self._qkv(x, jnp.arange(T))
+        mask = None
+        if segment_ids is not None:
+            mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+        o = jax.nn.dot_product_attention(
+            q, k, v,
+            mask=mask,
+            is_causal=True,
+            local_window_size=self._window(),
+            implementation=self._backend(q.dtype, mask is not None),
+        )  # fmt: skip
+        return self.o_proj(o.reshape(B, T, -1)), k, v
+
+    def __call__(self, x, *, segment_ids=None):
+        """x [B, T, hidden] -> [B, T, hidden]; `segment_ids` [B, T] keeps attention in-document."""
+        return self._full(x, segment_ids)[0]
+
+    def cache_len(self, max_len: int) -> int:
+        return max_len if self.window_size is None else min(self.window_size, max_len)
+
+    def init_cache(self, batch_size: int, max_len: int, dtype=None) -> KVCache:
+        shape = (batch_size, self.cache_len(max_len), self.num_kv_heads, self.head_dim)
+        dtype = dtype or self.dtype or jnp.float32
+        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
+
+    def prefill(self, x, *, max_len: int):
+        """x [B, T, hidden] from position 0 -> (y, cache of the last keys for up to max_len)."""
+        B, T, _ = x.shape
+        y, k, v = self._full(x, None)
+        cache = self.init_cache(B, max_len, k.dtype)
+        L = cache.k.shape[1]
+        kept = jnp.arange(max(0, T - L), T)
+        cache = KVCache(
+            cache.k.at[:, kept % L].set(k[:, kept]),
+            cache.v.at[:, kept % L].set(v[:, kept]),
+            jnp.asarray(T, jnp.int32),
+        )
+        return y, cache
+
+    def step(self, x_t, cache: KVCache):
+        """One decoding token: x_t [B, hidden] -> (y_t [B, hidden], cache)."""
+        B = x_t.shape[0]
+        L = cache.k.shape[1]
+        t = cache.t
+        q, k, v = self._qkv(x_t[:, None], t[None])
+        slot = t % L
+        k_buf = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), slot, axis=1)
+        v_buf = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), slot, axis=1)
+        # After writing t, slot s holds position t − ((t − s) mod L); negative means still empty.
+        slot_pos = t - (t - jnp.arange(L)) % L
+        mask = (slot_pos >= 0)[None, None, None, :]
+        o = jax.nn.dot_product_attention(q, k_buf.astype(q.dtype), v_buf.astype(q.dtype), mask=mask)
+        return self.o_proj(o.reshape(B, -1)), KVCache(k_buf, v_buf, t + 1)
+
+
+def _check_config(num_heads, num_kv_heads, head_dim, window_size, implementation):
+    if num_heads < 1 or head_dim < 1:
+        raise ValueError(f"num_heads and head_dim must be >= 1, got {num_heads} and {head_dim}")
+    if num_kv_heads < 1 or num_heads % num_kv_heads:
+        raise ValueError(f"num_kv_heads={num_kv_heads} must divide num_heads={num_heads}")
+    if window_size is not None and window_size < 1:
+        raise ValueError(f"window_size must be >= 1 or None, got {window_size}")
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")

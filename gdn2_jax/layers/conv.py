@@ -1,0 +1,70 @@
+"""Causal depthwise short convolution with SiLU, a decoding cache and document resets."""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gdn2_jax.layers.init import conv_bound, partitioned, uniform
+
+
+class ShortConvolution(nnx.Module):
+    """y_t = SiLU(Σ_j weight[j] · x_{t−(W−1)+j}) per channel; the cache holds the last W−1 inputs.
+
+    `weight` is [W, D] (the last tap multiplies the current token); PyTorch's `Conv1d` weight
+    [D, 1, W] is its transpose.
+    """
+
+    def __init__(
+        self,
+        features: int,
+        kernel_size: int = 4,
+        *,
+        param_dtype=jnp.float32,
+        dtype=None,
+        rngs: nnx.Rngs,
+    ):
+        if kernel_size < 1:
+            raise ValueError(f"conv_size must be >= 1, got {kernel_size}")
+        self.features = features
+        self.kernel_size = kernel_size
+        self.dtype = dtype
+        init = partitioned(uniform(conv_bound(kernel_size)), ("conv", "heads"))
+        self.weight = nnx.Param(init(rngs.params(), (kernel_size, features), param_dtype))
+
+    def init_state(self, batch_size: int, dtype=jnp.float32):
+        """Zero cache [B, W−1, D]: the inputs before the first token."""
+        return jnp.zeros((batch_size, self.kernel_size - 1, self.features), dtype)
+
+    def __call__(self, x, *, segment_ids=None, state=None):
+        """x [B, T, D] -> (y [B, T, D], new state [B, W−1, D]).
+
+        With `segment_ids` [B, T] a tap only reads tokens of the query token's own document.
+        """
+        B, T, _ = x.shape
+        dtype = self.dtype or x.dtype
+        W = self.kernel_size
+        if state is None:
+            state = self.init_state(B, x.dtype)
+        xp = jnp.concatenate([state.astype(x.dtype), x], axis=1)
+        weight = self.weight[...].astype(dtype)
+        y = jnp.zeros(x.shape, jnp.float32)
+        for j in range(W):
+            tap = xp[:, j : j + T].astype(dtype)
+            if segment_ids is not None:
+                tap = tap * _same_segment(segment_ids, lag=W - 1 - j)[..., None].astype(dtype)
+            y = y + jnp.einsum("btd,d->btd", tap, weight[j], preferred_element_type=jnp.float32)
+        return jax.nn.silu(y).astype(dtype), xp[:, T:]
+
+    def step(self, x_t, state):
+        """One token: x_t [B, D], state [B, W−1, D] -> (y_t [B, D], new state)."""
+        y, state = self(x_t[:, None], state=state)
+        return y[:, 0], state
+
+
+def _same_segment(segment_ids, *, lag: int):
+    """[B, T] bool: token t−lag exists and belongs to token t's document."""
+    if lag == 0:
+        return jnp.ones(segment_ids.shape, bool)
+    T = segment_ids.shape[1]
+    shifted = jnp.pad(segment_ids, ((0, 0), (lag, 0)))[:, :T]
+    return (shifted == segment_ids) & (jnp.arange(T) >= lag)

@@ -1,0 +1,264 @@
+"""The Gated DeltaNet-2 token mixer (paper Fig. 1, Appendix C.1).
+
+Parameter names and shapes mirror the PyTorch `GatedDeltaNet2` of fla and NVIDIA (kernels are the
+transposes of `nn.Linear` weights), so a checkpoint converts one-to-one.
+"""
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gdn2_jax.layers.conv import ShortConvolution
+from gdn2_jax.layers.init import GDN2_LINEAR_INIT, dense, partitioned
+from gdn2_jax.layers.norm import OUTPUT_GATES, GatedRMSNorm
+from gdn2_jax.ops import gated_delta_rule2, gated_delta_rule2_step
+
+GATE_MODES = ("gdn2", "kda", "b_only", "w_only")
+MODES = ("chunk", "recurrent")
+BACKENDS = ("auto", "pallas", "xla", "scan")
+# Inference inputs this short run token-serially, as fla's layer does: no chunk padding to pay.
+SHORT_INPUT_LEN = 64
+RECURRENT_BACKEND = "scan"
+# Log-decay written at the first token of each packed document: exp(−80) ≈ 2e−35 wipes the state
+# to far below float32 resolution, and the op is exact for any g ≤ 0 (DESIGN.md §1), so one
+# kernel call serves any batch of packed rows without a per-row segment count.
+RESET_LOG_DECAY = -80.0
+A_INIT_RANGE = (1.0, 16.0)
+DT_INIT_RANGE = (1e-3, 1e-1)
+DT_INIT_FLOOR = 1e-4
+
+
+class GDN2Cache(NamedTuple):
+    """Decoding state of one GDN-2 layer."""
+
+    conv_q: jax.Array  # [B, W−1, H·K] inputs before the next token
+    conv_k: jax.Array  # [B, W−1, H·K]
+    conv_v: jax.Array  # [B, W−1, HV·V]
+    S: jax.Array  # [B, HV, K, V] float32
+
+
+def _a_log_init(key, shape, dtype=jnp.float32):
+    return jnp.log(jax.random.uniform(key, shape, jnp.float32, *A_INIT_RANGE)).astype(dtype)
+
+
+def _dt_bias_init(key, shape, dtype=jnp.float32):
+    """softplus⁻¹(dt) with dt log-uniform in DT_INIT_RANGE, as the reference initializes it."""
+    lo, hi = (math.log(x) for x in DT_INIT_RANGE)
+    dt = jnp.exp(jax.random.uniform(key, shape, jnp.float32, lo, hi))
+    dt = jnp.maximum(dt, DT_INIT_FLOOR)
+    return (dt + jnp.log(-jnp.expm1(-dt))).astype(dtype)
+
+
+def _check_config(hidden_size, num_heads, head_dim, expand_v, num_v_heads, **choices) -> int:
+    """Validates the constructor arguments; returns head_v_dim."""
+    for name, value in (("hidden_size", hidden_size), ("num_heads", num_heads)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if head_dim < 1:
+        raise ValueError(f"head_dim must be >= 1, got {head_dim}")
+    head_v_dim = round(head_dim * expand_v)
+    if head_v_dim < 1 or not math.isclose(head_dim * expand_v, head_v_dim, rel_tol=1e-5):
+        raise ValueError(
+            f"expand_v={expand_v} times head_dim={head_dim} must be a positive integer"
+        )
+    if num_v_heads < num_heads or num_v_heads % num_heads:
+        raise ValueError(f"num_v_heads={num_v_heads} must be a multiple of num_heads={num_heads}")
+    allowed = {"output_gate": OUTPUT_GATES, "mode": MODES, "gate_mode": GATE_MODES}
+    allowed["backend"] = BACKENDS
+    for name, value in choices.items():
+        if value not in allowed[name]:
+            raise ValueError(f"{name} must be one of {allowed[name]}, got {value!r}")
+    return head_v_dim
+
+
+def _segment_starts(segment_ids):
+    """[B, T] bool: the token opens a document (differs from its left neighbour, or t = 0)."""
+    previous = jnp.pad(segment_ids[:, :-1], ((0, 0), (1, 0)))
+    return (segment_ids != previous) | (jnp.arange(segment_ids.shape[1]) == 0)
+
+
+class GatedDeltaRule2(nnx.Module):
+    """GDN-2 mixer: x [B, T, hidden] -> [B, T, hidden].
+
+    q, k: projection, causal short conv, SiLU, L2 norm (inside the op); v: projection, conv, SiLU.
+    g = −exp(A_log) ⊙ softplus(f_proj(x) + dt_bias) in float32; b = σ(b_proj x) on the key axis,
+    w = σ(w_proj x) on the value axis; output RMSNorm(o) · act(g_proj x), then o_proj.
+
+    `gate_mode` selects the paper's Table 5 variants: "gdn2" (channel-wise b and w), "b_only"
+    (w averaged over its channels), "w_only" (b averaged), "kda" (b = w = β, one scalar per value
+    head from a b_proj of width num_v_heads, as fla's KDA layer; there `allow_neg_eigval` doubles β,
+    which is both gates). With `num_v_heads > num_heads` the key-side q, k, g, b are repeated over
+    each group of value heads. After `.eval()` (deterministic) inputs of at most 64 tokens use the
+    recurrent backend; `mode="recurrent"` always does.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        head_dim: int,
+        *,
+        expand_v: float = 1.0,
+        num_v_heads: int | None = None,
+        conv_size: int = 4,
+        allow_neg_eigval: bool = False,
+        output_gate: str = "silu",
+        norm_eps: float = 1e-5,
+        mode: str = "chunk",
+        gate_mode: str = "gdn2",
+        backend: str = "auto",
+        chunk_size: int = 64,
+        dtype=None,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        num_v_heads = num_heads if num_v_heads is None else num_v_heads
+        self.head_v_dim = _check_config(
+            hidden_size, num_heads, head_dim, expand_v, num_v_heads,
+            output_gate=output_gate, mode=mode, gate_mode=gate_mode, backend=backend,
+        )  # fmt: skip
+        self.hidden_size, self.num_heads, self.head_dim = hidden_size, num_heads, head_dim
+        self.num_v_heads = num_v_heads
+        self.key_dim, self.value_dim = num_heads * head_dim, num_v_heads * self.head_v_dim
+        self.allow_neg_eigval, self.mode, self.gate_mode = allow_neg_eigval, mode, gate_mode
+        self.backend, self.chunk_size, self.dtype = backend, chunk_size, dtype
+        self.deterministic = False
+        self._build(conv_size, output_gate, norm_eps, param_dtype, rngs)
+
+    def _build(self, conv_size, output_gate, norm_eps, param_dtype, rngs):
+        D, Kd, Vd, Vh = self.hidden_size, self.key_dim, self.value_dim, self.head_v_dim
+        kw = dict(init=GDN2_LINEAR_INIT, dtype=self.dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q_proj = dense(D, Kd, ("embed", "heads"), **kw)
+        self.k_proj = dense(D, Kd, ("embed", "heads"), **kw)
+        self.v_proj = dense(D, Vd, ("embed", "heads"), **kw)
+        conv_kw = dict(param_dtype=param_dtype, dtype=self.dtype, rngs=rngs)
+        self.q_conv1d = ShortConvolution(Kd, conv_size, **conv_kw)
+        self.k_conv1d = ShortConvolution(Kd, conv_size, **conv_kw)
+        self.v_conv1d = ShortConvolution(Vd, conv_size, **conv_kw)
+        self.f_proj = nnx.Sequential(
+            dense(D, Vh, ("embed", None), **kw), dense(Vh, Kd, (None, "heads"), **kw)
+        )
+        if self.gate_mode == "kda":
+            self.b_proj = dense(D, self.num_v_heads, ("embed", None), **kw)
+            self.w_proj = None
+        else:
+            self.b_proj = dense(D, Kd, ("embed", "heads"), **kw)
+            self.w_proj = dense(D, Vd, ("embed", "heads"), **kw)
+        self.A_log = nnx.Param(
+            partitioned(_a_log_init, (None,))(rngs.params(), (self.num_heads,), param_dtype)
+        )
+        self.dt_bias = nnx.Param(
+            partitioned(_dt_bias_init, ("heads",))(rngs.params(), (Kd,), param_dtype)
+        )
+        self.g_proj = nnx.Sequential(
+            dense(D, Vh, ("embed", None), **kw), dense(Vh, Vd, (None, "heads"), use_bias=True, **kw)
+        )
+        self.o_norm = GatedRMSNorm(
+            Vh,
+            eps=norm_eps,
+            activation=output_gate,
+            dtype=self.dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
+        self.o_proj = dense(Vd, D, ("heads", "embed"), **kw)
+
+    def _repeat_kv_groups(self, x):
+        """[..., H, d] -> [..., HV, d]: each key head serves num_v_heads / num_heads value heads."""
+        return jnp.repeat(x, self.num_v_heads // self.num_heads, axis=-2)
+
+    def _split(self, x, d):
+        return x.reshape(*x.shape[:-1], -1, d)
+
+    def gates(self, x):
+        """x [..., hidden] -> g [..., HV, K] (float32), b [..., HV, K], w [..., HV, V]."""
+        f = self.f_proj(x).astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32)
+        A = jnp.exp(self.A_log[...].astype(jnp.float32))
+        g = jnp.einsum("h,...hk->...hk", -A, jax.nn.softplus(self._split(f, self.head_dim)))
+        b, w = self._erase_write(x)
+        return self._repeat_kv_groups(g), b, w
+
+    def _erase_write(self, x):
+        dtype = self.dtype or x.dtype
+        K, V = self.head_dim, self.head_v_dim
+        scale = 2.0 if self.allow_neg_eigval else 1.0
+        if self.gate_mode == "kda":
+            beta = scale * jax.nn.sigmoid(self.b_proj(x).astype(jnp.float32))[..., None]
+            lead = beta.shape[:-1]
+            b, w = jnp.broadcast_to(beta, (*lead, K)), jnp.broadcast_to(beta, (*lead, V))
+            return b.astype(dtype), w.astype(dtype)
+        b = jax.nn.sigmoid(self._split(self.b_proj(x), K).astype(jnp.float32))
+        w = jax.nn.sigmoid(self._split(self.w_proj(x), V).astype(jnp.float32))
+        # Table 5's scalarized variants: average the gate over its channels, keep the projection.
+        if self.gate_mode == "w_only":
+            b = jnp.broadcast_to(jnp.mean(b, axis=-1, keepdims=True), b.shape)
+        if self.gate_mode == "b_only":
+            w = jnp.broadcast_to(jnp.mean(w, axis=-1, keepdims=True), w.shape)
+        b = self._repeat_kv_groups(scale * b)
+        return b.astype(dtype), w.astype(dtype)
+
+    def _qkv(self, q, k, v):
+        q = self._repeat_kv_groups(self._split(q, self.head_dim))
+        k = self._repeat_kv_groups(self._split(k, self.head_dim))
+        return q, k, self._split(v, self.head_v_dim)
+
+    def _output(self, o, x):
+        o = self.o_norm(o, self._split(self.g_proj(x), self.head_v_dim))
+        return self.o_proj(o.reshape(*o.shape[:-2], self.value_dim))
+
+    def _op_backend(self, T: int) -> str:
+        short = self.deterministic and T <= SHORT_INPUT_LEN
+        return RECURRENT_BACKEND if self.mode == "recurrent" or short else self.backend
+
+    def init_cache(self, batch_size: int, dtype=None) -> GDN2Cache:
+        """An empty cache: zero conv history and zero state."""
+        dtype = dtype or self.dtype or jnp.float32
+        S = jnp.zeros((batch_size, self.num_v_heads, self.head_dim, self.head_v_dim), jnp.float32)
+        return GDN2Cache(
+            self.q_conv1d.init_state(batch_size, dtype),
+            self.k_conv1d.init_state(batch_size, dtype),
+            self.v_conv1d.init_state(batch_size, dtype),
+            S,
+        )
+
+    def __call__(self, x, *, segment_ids=None):
+        """x [B, T, hidden] -> [B, T, hidden]; `segment_ids` [B, T] resets at document starts."""
+        y, _ = self._sequence(x, segment_ids=segment_ids, cache=None)
+        return y
+
+    def prefill(self, x, *, cache: GDN2Cache | None = None):
+        """Chunk path from `cache` (or zeros): x [B, T, hidden] -> (y, cache after it)."""
+        return self._sequence(x, segment_ids=None, cache=cache or self.init_cache(x.shape[0]))
+
+    def _sequence(self, x, *, segment_ids, cache):
+        caches = (None,) * 3 if cache is None else cache[:3]
+        q, cq = self.q_conv1d(self.q_proj(x), segment_ids=segment_ids, state=caches[0])
+        k, ck = self.k_conv1d(self.k_proj(x), segment_ids=segment_ids, state=caches[1])
+        v, cv = self.v_conv1d(self.v_proj(x), segment_ids=segment_ids, state=caches[2])
+        q, k, v = self._qkv(q, k, v)
+        g, b, w = self.gates(x)
+        if segment_ids is not None:
+            g = jnp.where(_segment_starts(segment_ids)[..., None, None], RESET_LOG_DECAY, g)
+        o, S = gated_delta_rule2(
+            q, k, v, g, b, w,
+            initial_state=None if cache is None else cache.S,
+            output_final_state=cache is not None,
+            use_qk_l2norm=True,
+            backend=self._op_backend(x.shape[1]),
+            chunk_size=self.chunk_size,
+        )  # fmt: skip
+        new_cache = None if cache is None else GDN2Cache(cq, ck, cv, S)
+        return self._output(o, x), new_cache
+
+    def step(self, x_t, cache: GDN2Cache):
+        """One decoding token: x_t [B, hidden] -> (y_t [B, hidden], updated cache)."""
+        q, cq = self.q_conv1d.step(self.q_proj(x_t), cache.conv_q)
+        k, ck = self.k_conv1d.step(self.k_proj(x_t), cache.conv_k)
+        v, cv = self.v_conv1d.step(self.v_proj(x_t), cache.conv_v)
+        q, k, v = self._qkv(q, k, v)
+        g, b, w = self.gates(x_t)
+        o, S = gated_delta_rule2_step(q, k, v, g, b, w, cache.S, use_qk_l2norm=True)
+        return self._output(o, x_t), GDN2Cache(cq, ck, cv, S)

@@ -1,0 +1,77 @@
+"""Initializers and the partition-annotated dense layer shared by every module.
+
+Every parameter carries logical axis names ("vocab", "embed", "heads", "mlp", "conv", "kv_heads",
+None) so that a training script can map them onto a mesh with `nnx.logical_axis_rules`.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.core import meta
+
+LogicalAxes = tuple[str | None, ...]
+
+
+def partitioned(init, axes: LogicalAxes):
+    """Wraps `init` with logical axis names.
+
+    Sharding is applied eagerly only under a mesh: without one (CPU tests, conversion scripts)
+    flax would refuse to create an annotated variable at all.
+    """
+    return nnx.with_partitioning(init, axes, eager_sharding=meta.global_mesh_defined())
+
+
+def torch_linear_init(scale: float = 1.0):
+    """PyTorch's `nn.Linear` default, U(±1/√fan_in), times `scale`.
+
+    NVIDIA's lit_gpt keeps this default for the attention and MLP projections (`mamba_init`).
+    """
+    return jax.nn.initializers.variance_scaling(scale**2 / 3.0, "fan_in", "uniform")
+
+
+def xavier_uniform(gain: float):
+    """Xavier-uniform with a gain; the GDN-2 layer uses gain 2^-2.5 (paper D.5)."""
+    return jax.nn.initializers.variance_scaling(gain**2, "fan_avg", "uniform")
+
+
+GDN2_LINEAR_INIT = xavier_uniform(2**-2.5)
+
+
+def uniform(bound: float):
+    """U(−bound, bound)."""
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def dense(
+    in_features: int,
+    out_features: int,
+    axes: LogicalAxes,
+    *,
+    init,
+    use_bias: bool = False,
+    dtype=None,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs,
+) -> nnx.Linear:
+    """`nnx.Linear` with kernel [in, out] annotated by `axes` (the bias by the output axis)."""
+    return nnx.Linear(
+        in_features,
+        out_features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=partitioned(init, axes),
+        bias_init=partitioned(jax.nn.initializers.zeros, (axes[1],)),
+        rngs=rngs,
+    )
+
+
+def conv_bound(kernel_size: int) -> float:
+    """PyTorch's depthwise `nn.Conv1d` default bound, 1/√(kernel_size)."""
+    return 1.0 / math.sqrt(kernel_size)
