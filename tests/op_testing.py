@@ -4,8 +4,6 @@
 (tokamax style). Ground truth is fla-core's `naive_recurrent_gdn2` (token-by-token, PyTorch).
 """
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,96 +13,16 @@ from fla.ops.gated_delta_rule.naive import naive_recurrent_gated_delta_rule
 from fla.ops.gdn2.naive import naive_recurrent_gdn2
 from fla.ops.kda.naive import naive_recurrent_kda
 
+from gdn2_jax.crosscheck import (
+    NAMES,
+    Shape,
+    jax_forward_and_grads,
+    make_cotangents,
+    make_inputs,
+    rel_err,
+    torch_reference,
+)
 from gdn2_jax.ops import gated_delta_rule, gated_delta_rule2, kda
-
-NAMES = ("q", "k", "v", "g", "b", "w", "initial_state")
-
-
-def rel_err(a, b):
-    """‖a − b‖ / ‖b‖ in float64."""
-    a = np.asarray(a, np.float64)
-    b = np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-
-
-@dataclasses.dataclass(frozen=True)
-class Shape:
-    B: int = 2
-    T: int = 100
-    H: int = 2
-    K: int = 32
-    V: int = 16
-
-
-def make_inputs(seed, shape: Shape, *, extreme=False, with_h0=True, g_scale=0.3):
-    """Random inputs as float32 numpy arrays: normalized keys, gates in range, g ≤ 0.
-
-    With `extreme`, 10% of the log-decays are drawn from [−80, −20] (hard resets).
-    """
-    rng = np.random.default_rng(seed)
-    B, T, H, K, V = dataclasses.astuple(shape)
-
-    def normal(*dims):
-        return rng.standard_normal(dims).astype(np.float32)
-
-    def sigmoid(x):
-        return (1 / (1 + np.exp(-x))).astype(np.float32)
-
-    k = normal(B, T, H, K)
-    k /= np.linalg.norm(k, axis=-1, keepdims=True)
-    g = (-np.exp(normal(B, T, H, K)) * g_scale).astype(np.float32)
-    if extreme:
-        hard = rng.random(g.shape) < 0.1
-        g = np.where(hard, rng.uniform(-80, -20, g.shape), g).astype(np.float32)
-    return dict(
-        q=normal(B, T, H, K),
-        k=k,
-        v=normal(B, T, H, V),
-        g=g,
-        b=sigmoid(normal(B, T, H, K)),
-        w=sigmoid(normal(B, T, H, V)),
-        initial_state=normal(B, H, K, V) if with_h0 else None,
-    )
-
-
-def make_cotangents(seed, shape: Shape, n_states=None):
-    rng = np.random.default_rng(seed + 1000)
-    B, T, H, K, V = dataclasses.astuple(shape)
-    n = B if n_states is None else n_states
-    return (
-        rng.standard_normal((B, T, H, V)).astype(np.float32),
-        rng.standard_normal((n, H, K, V)).astype(np.float32),
-    )
-
-
-def torch_reference(inputs, cotangents, reference=naive_recurrent_gdn2):
-    """Forward and all gradients of fla's naive recurrence (float32, CPU)."""
-    names = [n for n in NAMES if inputs[n] is not None]
-    tensors = {n: torch.tensor(inputs[n], requires_grad=True) for n in names}
-    args = [tensors[n] for n in NAMES[:6]]
-    o, S = reference(*args, initial_state=tensors.get("initial_state"), output_final_state=True)
-    do, dS = (torch.tensor(c) for c in cotangents)
-    ((o * do).sum() + (S * dS).sum()).backward()
-    grads = {n: tensors[n].grad.numpy() for n in names}
-    return o.detach().numpy(), S.detach().numpy(), grads
-
-
-def jax_forward_and_grads(inputs, cotangents, fn=gated_delta_rule2, **kwargs):
-    """(o, final_state, grads by name) of a JAX implementation with the same cotangents."""
-    names = [n for n in NAMES if inputs[n] is not None]
-
-    def run(*arrays):
-        named = dict(zip(names, arrays, strict=True))
-        return fn(
-            *(named[n] for n in NAMES[:6]),
-            initial_state=named.get("initial_state"),
-            output_final_state=True,
-            **kwargs,
-        )
-
-    (o, S), vjp = jax.vjp(run, *(jnp.asarray(inputs[n]) for n in names))
-    grads = vjp(tuple(jnp.asarray(c) for c in cotangents))
-    return np.asarray(o), np.asarray(S), dict(zip(names, map(np.asarray, grads), strict=True))
 
 
 class OpBackendTests:

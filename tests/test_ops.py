@@ -4,8 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from op_testing import NAMES, OpBackendTests, Shape, make_inputs, rel_err
+from op_testing import OpBackendTests
 
+from gdn2_jax.crosscheck import NAMES, Shape, make_inputs, rel_err
 from gdn2_jax.ops import gated_delta_rule2, gated_delta_rule2_recurrent, gated_delta_rule2_step
 
 
