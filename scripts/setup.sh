@@ -4,7 +4,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 find_python() {
-  if command -v python3.12 >/dev/null 2>&1; then command -v python3.12; return; fi
+  # pyenv shims answer `command -v` even when 3.12 is not selected, so run it to be sure.
+  if python3.12 --version >/dev/null 2>&1; then command -v python3.12; return; fi
   if command -v pyenv >/dev/null 2>&1; then
     for p in "$(pyenv root)"/versions/3.12*/bin/python3.12; do
       if [ -x "$p" ]; then echo "$p"; return; fi
