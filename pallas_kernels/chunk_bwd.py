@@ -1,0 +1,303 @@
+"""Backward kernels of the chunkwise WY algorithm (paper App. B, C.3).
+
+`chunk_dstate`: the reverse state pass, one program per (V block, batch·head), the state gradient
+dS [K, BV] resident in registers: per chunk dR = A_qkᵀ dO + K_tail dS_C and
+dS₀ = Diag(γ_C) dS_C + Q_γᵀ dO − Yᵀ dR (the output-path dR is folded in here, so no separate
+output-VJP launch is needed). `chunk_wy_bwd`: per chunk, the output and state VJPs that need the
+stored states (dA_qk = dO Rᵀ, dQ_γ, dK_tail, dY) and the gate-aware WY VJP with the gates inside
+the dA products (Eqs. 64–66): dA = dU Zᵀ + dY Ēᵀ, dT = −tril(Aᵀ dA Aᵀ, −1). `chunk_intra_bwd`: the
+VJP through A_qk and T with the same safe factorization as the forward, then the reverse cumulative
+sum that turns dG into dg.
+
+Every decay derivative is taken in log space (X = f ⊙ exp(G_a − G_b) gives dG_a += dX ⊙ X and
+dG_b −= dX ⊙ X), so no γ⁻¹ appears in the backward either.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels.common import F32, Numerics, compiler_params, iota, mm, mm_cast
+from pallas_kernels.config import CHUNK, NUM_SUB, SUB, ChunkConfig
+
+
+def _dstate_kernel(*refs, H, K, NT, bv, num):
+    seq_ref, first_ref, last_ref, dfin_ref, dh00_ref, do_ref, aqk_ref, kt_ref = refs[:8]
+    qg_ref, y_ref, gc_ref, dsc_ref, dr_ref, dh0_ref = refs[8:]
+    vb, bh = pl.program_id(0), pl.program_id(1)
+    bi, h = bh // H, bh % H
+    vs = pl.ds(pl.multiple_of(vb * bv, bv), bv)
+    del dh00_ref  # aliased to dh0_ref: slots no chunk starts keep their zeros
+
+    def body(i, dS):
+        c = NT - 1 - i
+        rows = pl.ds(c * CHUNK, CHUNK)
+        slot = seq_ref[c]
+        dS = jax.lax.cond(last_ref[c] != 0, lambda: dfin_ref[slot, bi, h, :, vs], lambda: dS)
+        dsc_ref[bh, c, :, vs] = dS.astype(dsc_ref.dtype)
+        do = do_ref[bi, rows, h, vs]
+        dR = mm_cast(aqk_ref[bh, rows, :], do, num, ta=True)
+        dR = dR + mm_cast(kt_ref[bh, rows, :], dS, num)
+        dRd = dR.astype(num.mm_dtype)
+        dr_ref[bh, rows, vs] = dRd
+        dS = jnp.exp(gc_ref[bh, c, :])[:, None] * dS + mm_cast(
+            qg_ref[bh, rows, :], do, num, ta=True
+        )
+        dS = dS - mm_cast(y_ref[bh, rows, :], dRd, num, ta=True)
+
+        @pl.when(first_ref[c] != 0)
+        def _():
+            dh0_ref[slot, bi, h, :, vs] = dS
+
+        # The state was reset at this chunk: nothing flows into the previous chunk.
+        return jnp.where(first_ref[c] != 0, 0.0, dS)
+
+    jax.lax.fori_loop(0, NT, body, jnp.zeros((K, bv), F32))
+
+
+def chunk_dstate(intra, saved_shape, segments, do, dfinals, *, cfg: ChunkConfig, num: Numerics):
+    """Reverse state pass. Returns dS_C per chunk [BH, NT, K, V], dR [BH, Tp, V] (matmul dtype)
+    and dh0s [N+1, B, H, K, V] float32."""
+    _, _, H, K, V = dfinals.shape
+    BH, NT = saved_shape[:2]
+    Tp = NT * CHUNK
+    bv = min(cfg.dstate_block_v, V)
+    seq, first, last = (x.astype(jnp.int32) for x in segments)
+    kernel = functools.partial(_dstate_kernel, H=H, K=K, NT=NT, bv=bv, num=num)
+    names = ("aqk", "kt", "qg", "y", "gc")
+    return pl.pallas_call(
+        kernel,
+        out_shape=[
+            jax.ShapeDtypeStruct((BH, NT, K, V), num.mm_dtype),
+            jax.ShapeDtypeStruct((BH, Tp, V), num.mm_dtype),
+            jax.ShapeDtypeStruct(dfinals.shape, F32),
+        ],
+        grid=(V // bv, BH),
+        input_output_aliases={4: 2},
+        compiler_params=compiler_params(cfg.dstate),
+        interpret=num.interpret,
+        name="gdn2_chunk_bwd_dstate",
+    )(seq, first, last, dfinals.astype(F32), jnp.zeros(dfinals.shape, F32), do,
+      *(intra[n] for n in names))  # fmt: skip
+
+
+def _wy_value_side(refs, A, bi, h, bh, rows, *, V, bv, num):
+    """dA_qk = dO Rᵀ; dA += dU Zᵀ with Z = w ⊙ v inside the product; dZ = Aᵀ dU → dv, dw."""
+    v_ref, w_ref, do_ref, r_ref, dr_ref, dv_ref, dw_ref = refs
+
+    def body(vb, carry):
+        dA, daqk = carry
+        vs = pl.ds(pl.multiple_of(vb * bv, bv), bv)
+        dR = dr_ref[bh, rows, vs]
+        v = v_ref[bi, rows, h, vs].astype(F32)
+        w = w_ref[bi, rows, h, vs].astype(F32)
+        daqk = daqk + mm_cast(do_ref[bi, rows, h, vs], r_ref[bh, rows, vs], num, tb=True)
+        dA = dA + mm_cast(dR, v * w, num, tb=True)
+        dZ = mm_cast(A, dR, num, ta=True)
+        dv_ref[bi, rows, h, vs] = (dZ * w).astype(dv_ref.dtype)
+        dw_ref[bi, rows, h, vs] = (dZ * v).astype(dw_ref.dtype)
+        return dA, daqk
+
+    zero = jnp.zeros((CHUNK, CHUNK), F32)
+    return jax.lax.fori_loop(0, V // bv, body, (zero, zero))
+
+
+def _wy_state_products(refs, bi, h, bh, c, rows, ks, *, V, bk, bv, num):
+    """dQ_γ = dO S₀ᵀ, dK_tail = R dS_Cᵀ, −dY = dR S₀ᵀ and rowsum(dS_C ⊙ S₀) for one K slice."""
+    do_ref, r_ref, dr_ref, s0_ref, dsc_ref = refs
+
+    def body(vb, acc):
+        dqg, dkt, dyn, dgc = acc
+        vs = pl.ds(pl.multiple_of(vb * bv, bv), bv)
+        s0 = s0_ref[bh, c, ks, vs]
+        dsc = dsc_ref[bh, c, ks, vs]
+        dqg = dqg + mm_cast(do_ref[bi, rows, h, vs], s0, num, tb=True)
+        dkt = dkt + mm_cast(r_ref[bh, rows, vs], dsc, num, tb=True)
+        dyn = dyn + mm_cast(dr_ref[bh, rows, vs], s0, num, tb=True)
+        dgc = dgc + jnp.sum(s0.astype(F32) * dsc.astype(F32), axis=1)
+        return dqg, dkt, dyn, dgc
+
+    zero = jnp.zeros((CHUNK, bk), F32)
+    return jax.lax.fori_loop(0, V // bv, body, (zero, zero, zero, jnp.zeros((bk,), F32)))
+
+
+def _wy_key_side(refs, A, dA, bi, h, bh, c, rows, *, K, V, scale, bk, bv, num):
+    """Per K slice: the Q_γ, K_tail, γ_C and Ē (= γ ⊙ b ⊙ k, gates inside dA) VJPs."""
+    q_ref, k_ref, b_ref, G_ref, gc_ref, prod_refs, dq_ref, dk_ref, db_ref, dG_ref = refs
+    last_row = iota((CHUNK, bk), 0) == CHUNK - 1
+
+    def body(kb, dA):
+        ks = pl.ds(pl.multiple_of(kb * bk, bk), bk)
+        dqg, dkt, dyn, dgc = _wy_state_products(
+            prod_refs, bi, h, bh, c, rows, ks, V=V, bk=bk, bv=bv, num=num
+        )
+        G = G_ref[bh, rows, ks]
+        gcl = gc_ref[bh, c, ks][None, :]
+        gamma, tail = jnp.exp(G), jnp.exp(gcl - G)
+        q = q_ref[bi, rows, h, ks].astype(F32) * scale
+        k = k_ref[bi, rows, h, ks].astype(F32)
+        b = b_ref[bi, rows, h, ks].astype(F32)
+        kt, e = k * tail, b * k * gamma
+        dG = dqg * q * gamma - dkt * kt
+        dGC = jnp.sum(dkt * kt, axis=0) + jnp.exp(gcl[0]) * dgc
+        dE = -mm_cast(A, dyn, num, ta=True)
+        dA = dA - mm_cast(dyn, e, num, tb=True)
+        dG = dG + dE * e + jnp.where(last_row, dGC[None, :], 0.0)
+        dq_ref[bh, rows, ks] = dqg * gamma
+        dk_ref[bh, rows, ks] = dkt * tail + dE * b * gamma
+        db_ref[bh, rows, ks] = dE * k * gamma
+        dG_ref[bh, rows, ks] = dG
+        return dA
+
+    return jax.lax.fori_loop(0, K // bk, body, dA)
+
+
+def _wy_kernel(*refs, H, K, V, scale, bk, bv, num):
+    q_ref, k_ref, v_ref, b_ref, w_ref, do_ref, G_ref, gc_ref, ainv_ref, s0_ref = refs[:10]
+    r_ref, dsc_ref, dr_ref = refs[10:13]
+    dv_ref, dw_ref, dq_ref, dk_ref, db_ref, dG_ref, daqk_ref, dt_ref = refs[13:]
+    c, bh = pl.program_id(0), pl.program_id(1)
+    bi, h = bh // H, bh % H
+    rows = pl.ds(c * CHUNK, CHUNK)
+    A = ainv_ref[bh, rows, :]
+    value_refs = (v_ref, w_ref, do_ref, r_ref, dr_ref, dv_ref, dw_ref)
+    dA, daqk = _wy_value_side(value_refs, A, bi, h, bh, rows, V=V, bv=bv, num=num)
+    prod_refs = (do_ref, r_ref, dr_ref, s0_ref, dsc_ref)
+    key_refs = (q_ref, k_ref, b_ref, G_ref, gc_ref, prod_refs, dq_ref, dk_ref, db_ref, dG_ref)
+    dA = _wy_key_side(
+        key_refs, A, dA, bi, h, bh, c, rows, K=K, V=V, scale=scale, bk=bk, bv=bv, num=num
+    )
+    r, col = iota((CHUNK, CHUNK), 0), iota((CHUNK, CHUNK), 1)
+    # A is unit lower triangular: only its strictly lower entries are free (Eq. 66).
+    dA = jnp.where(r > col, dA, 0.0)
+    dT = mm_cast(mm_cast(A, dA, num, ta=True), A, num, tb=True)
+    dt_ref[bh, rows, :] = jnp.where(r > col, -dT, 0.0)
+    daqk_ref[bh, rows, :] = jnp.where(r >= col, daqk, 0.0)
+
+
+def chunk_wy_bwd(q, k, v, b, w, do, intra, saved, dstate, *, scale, cfg, num):
+    """Returns dv, dw (final, input dtypes) and float32 partials dq, dk, db, dG [BH, Tp, K]
+    and dA_qk, dT [BH, Tp, 64]."""
+    B, Tp, H, K = q.shape
+    V = v.shape[-1]
+    BH = B * H
+    bk, bv = min(cfg.wy_block_k, K), min(cfg.wy_block_v, V)
+    kernel = functools.partial(_wy_kernel, H=H, K=K, V=V, scale=scale, bk=bk, bv=bv, num=num)
+    s0, r = saved
+    dsc, dr = dstate
+    return pl.pallas_call(
+        kernel,
+        out_shape=[
+            jax.ShapeDtypeStruct(v.shape, v.dtype),
+            jax.ShapeDtypeStruct(w.shape, w.dtype),
+            *[jax.ShapeDtypeStruct((BH, Tp, K), F32)] * 4,
+            *[jax.ShapeDtypeStruct((BH, Tp, CHUNK), F32)] * 2,
+        ],
+        grid=(Tp // CHUNK, BH),
+        compiler_params=compiler_params(cfg.wy),
+        interpret=num.interpret,
+        name="gdn2_chunk_bwd_wy",
+    )(q, k, v, b, w, do, intra["G"], intra["gc"], intra["ainv"], s0, r, dsc, dr)
+
+
+def _intra_bwd_offdiag(refs, bi, h, bh, t0, p, G, ks, *, scale, bk, num):
+    """Sub-blocks off the diagonal through boundaries, both exponents ≤ 0: the row side of block
+    p through its first row n (columns s < n), the column side through its last row m (rows > m)."""
+    q_ref, k_ref, b_ref, G_ref, daqk_ref, dt_ref = refs
+    r0 = t0 + SUB * p
+    rows, all_rows = pl.ds(r0, SUB), pl.ds(t0, CHUNK)
+    pos = iota((CHUNK, bk), 0)
+    G_all = G_ref[bh, all_rows, ks]
+    k_all = k_ref[bi, all_rows, h, ks].astype(F32)
+    dq = dbk = dk = jnp.zeros((SUB, bk), F32)
+    if p > 0:
+        Gn = G_ref[bh, r0, ks][None, :]
+        kf = k_all * jnp.exp(jnp.where(pos < SUB * p, Gn - G_all, -jnp.inf))
+        en = jnp.exp(G - Gn)
+        dq = mm(daqk_ref[bh, rows, :], kf, num.score_precision) * en
+        dbk = mm(dt_ref[bh, rows, :], kf, num.score_precision) * en
+    if p < NUM_SUB - 1:
+        Gm = G_ref[bh, r0 + SUB - 1, ks][None, :]
+        em = jnp.exp(jnp.where(pos >= SUB * (p + 1), G_all - Gm, -jnp.inf))
+        qf = q_ref[bi, all_rows, h, ks].astype(F32) * (scale * em)
+        bkf = b_ref[bi, all_rows, h, ks].astype(F32) * k_all * em
+        cols = pl.ds(SUB * p, SUB)
+        dk = mm(daqk_ref[bh, all_rows, cols], qf, num.score_precision, ta=True)
+        dk = dk + mm(dt_ref[bh, all_rows, cols], bkf, num.score_precision, ta=True)
+        dk = dk * jnp.exp(Gm - G)
+    return dq, dbk, dk
+
+
+def _intra_bwd_diag(refs, bi, h, bh, r0, q, bk_, G, ks, carry, *, col0):
+    """The diagonal block pairwise, column j at a time, the causal mask applied before exp."""
+    k_ref, G_ref, daqk_ref, dt_ref = refs
+    rows = pl.ds(r0, SUB)
+    r = iota(G.shape, 0)
+
+    def body(j, carry):
+        dq, dbk, dk = carry
+        kj = k_ref[bi, r0 + j, h, ks].astype(F32)[None, :]
+        E = jnp.exp(jnp.where(r >= j, G - G_ref[bh, r0 + j, ks][None, :], -jnp.inf))
+        aq = daqk_ref[bh, rows, col0 + j][:, None]
+        at = dt_ref[bh, rows, col0 + j][:, None]
+        dq = dq + aq * kj * E
+        dbk = dbk + at * kj * E
+        dk_row = jnp.sum((aq * q + at * bk_) * E, axis=0)
+        dk = dk + jnp.where(r == j, dk_row[None, :], 0.0)
+        return dq, dbk, dk
+
+    return jax.lax.fori_loop(0, SUB, body, carry)
+
+
+def _intra_bwd_kernel(*refs, H, scale, bk, num):
+    q_ref, k_ref, b_ref, G_ref, daqk_ref, dt_ref, dqp_ref, dkp_ref, dbp_ref, dGp_ref = refs[:10]
+    dq_ref, dk_ref, db_ref, dg_ref = refs[10:]
+    c, kb, bh = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    bi, h = bh // H, bh % H
+    ks = pl.ds(pl.multiple_of(kb * bk, bk), bk)
+    t0 = c * CHUNK
+    suffix = jnp.zeros((bk,), F32)  # Σ dG over the rows after the current sub-block
+    for p in reversed(range(NUM_SUB)):
+        r0 = t0 + SUB * p
+        rows, prow = pl.ds(r0, SUB), (bh, pl.ds(r0, SUB), ks)
+        q = q_ref[bi, rows, h, ks].astype(F32) * scale
+        k = k_ref[bi, rows, h, ks].astype(F32)
+        b = b_ref[bi, rows, h, ks].astype(F32)
+        G = G_ref[bh, rows, ks]
+        off_refs = (q_ref, k_ref, b_ref, G_ref, daqk_ref, dt_ref)
+        acc = _intra_bwd_offdiag(off_refs, bi, h, bh, t0, p, G, ks, scale=scale, bk=bk, num=num)
+        diag_refs = (k_ref, G_ref, daqk_ref, dt_ref)
+        dq, dbk, dk = _intra_bwd_diag(diag_refs, bi, h, bh, r0, q, b * k, G, ks, acc, col0=SUB * p)
+        dG = dGp_ref[prow] + q * dq + b * k * dbk - k * dk
+        total = jnp.sum(dG, axis=0)
+        # Reverse cumulative sum (Eq. 82) without a reverse scan: total − cumsum + x.
+        dg = (suffix + total)[None, :] - jnp.cumsum(dG, axis=0) + dG
+        suffix = suffix + total
+        tok = (bi, rows, h, ks)
+        dq_ref[tok] = ((dqp_ref[prow] + dq) * scale).astype(dq_ref.dtype)
+        dk_ref[tok] = (dkp_ref[prow] + dk + dbk * b).astype(dk_ref.dtype)
+        db_ref[tok] = (dbp_ref[prow] + dbk * k).astype(db_ref.dtype)
+        dg_ref[tok] = dg
+
+
+def chunk_intra_bwd(q, k, b, G, wy, *, scale, cfg, num):
+    """Final dq, dk, db (input dtypes) and dg (float32), all [B, Tp, H, K]."""
+    B, Tp, H, K = q.shape
+    bk = min(cfg.intra_bwd_block_k, K)
+    kernel = functools.partial(_intra_bwd_kernel, H=H, scale=scale, bk=bk, num=num)
+    dq_p, dk_p, db_p, dG_p, daqk, dt = wy
+    return pl.pallas_call(
+        kernel,
+        out_shape=[
+            jax.ShapeDtypeStruct(q.shape, q.dtype),
+            jax.ShapeDtypeStruct(k.shape, k.dtype),
+            jax.ShapeDtypeStruct(b.shape, b.dtype),
+            jax.ShapeDtypeStruct(q.shape, F32),
+        ],
+        grid=(Tp // CHUNK, K // bk, B * H),
+        compiler_params=compiler_params(cfg.intra_bwd),
+        interpret=num.interpret,
+        name="gdn2_chunk_bwd_intra",
+    )(q, k, b, G, daqk, dt, dq_p, dk_p, db_p, dG_p)

@@ -1,0 +1,261 @@
+"""Forward kernels of the chunkwise WY algorithm (paper App. A, C.2).
+
+`chunk_intra`: one program per (chunk, batch·head) builds everything that does not depend on the
+carried state: G = cumsum(g), A_qk and T with the safe decay factorization, (I + T)⁻¹ by 16×16
+blocks, U, Y, Q_γ and K_tail. `chunk_state`: one program per (V block, batch·head) walks the chunks
+in order with the state tile S [K, BV] resident in registers and emits O = Q_γ S + A_qk R and the
+final states; its residual-saving variant also stores each chunk's S₀ and R for the backward.
+
+Layouts: token arrays are [B, Tp, H, D] (the op's); per-head intermediates are [B·H, Tp, D] so that
+each chunk's tile is contiguous.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels.common import F32, Numerics, barrier, compiler_params, iota, mm, mm_cast, row
+from pallas_kernels.config import CHUNK, NUM_SUB, SUB, ChunkConfig
+
+_PAIRS = tuple((i, j) for i in range(1, NUM_SUB) for j in range(i))
+
+
+def _chunk_cumsum(g_ref, G_ref, gc_ref, bi, h, bh, c):
+    """G = within-chunk cumulative log-decay (float32), written once and re-read by sub-block."""
+    G = jnp.cumsum(g_ref[bi, pl.ds(c * CHUNK, CHUNK), h, :], axis=0)
+    G_ref[bh, pl.ds(c * CHUNK, CHUNK), :] = G
+    gc_ref[bh, c, :] = row(G, CHUNK - 1)
+
+
+def _offdiag_scores(q_ref, k_ref, b_ref, G_ref, bi, h, bh, t0, *, K, bk, scale, num):
+    """A_qk and T on the sub-blocks below the diagonal, factored through the boundary n = first
+    row of the row block: exp(G_r − G_n) · exp(G_n − G_s) with s < n ≤ r, both exponents ≤ 0."""
+
+    def body(kb, accs):
+        ks = pl.ds(pl.multiple_of(kb * bk, bk), bk)
+        k = [k_ref[bi, pl.ds(t0 + SUB * j, SUB), h, ks].astype(F32) for j in range(NUM_SUB)]
+        G = [G_ref[bh, pl.ds(t0 + SUB * j, SUB), ks] for j in range(NUM_SUB)]
+        accs = dict(zip(_PAIRS, zip(*accs, strict=True), strict=True))
+        out = {}
+        for i in range(1, NUM_SUB):
+            rows = pl.ds(t0 + SUB * i, SUB)
+            Gn = G_ref[bh, t0 + SUB * i, ks][None, :]
+            decay_row = jnp.exp(G[i] - Gn)
+            qf = q_ref[bi, rows, h, ks].astype(F32) * (scale * decay_row)
+            ef = b_ref[bi, rows, h, ks].astype(F32) * k[i] * decay_row
+            for j in range(i):
+                kf = k[j] * jnp.exp(Gn - G[j])
+                a_acc, t_acc = accs[(i, j)]
+                out[(i, j)] = (
+                    a_acc + mm(qf, kf, num.score_precision, tb=True),
+                    t_acc + mm(ef, kf, num.score_precision, tb=True),
+                )
+        return tuple(zip(*(out[p] for p in _PAIRS), strict=True))
+
+    zero = jnp.zeros((SUB, SUB), F32)
+    init = ((zero,) * len(_PAIRS),) * 2
+    a_blocks, t_blocks = jax.lax.fori_loop(0, K // bk, body, init)
+    return dict(zip(_PAIRS, a_blocks, strict=True)), dict(zip(_PAIRS, t_blocks, strict=True))
+
+
+def _diag_scores(q_ref, k_ref, b_ref, G_ref, bi, h, bh, r0, *, K, scale):
+    """The diagonal 16×16 blocks pairwise, column by column, the causal mask applied before exp."""
+    rows = pl.ds(r0, SUB)
+    q = q_ref[bi, rows, h, :].astype(F32) * scale
+    k = k_ref[bi, rows, h, :].astype(F32)
+    bk = b_ref[bi, rows, h, :].astype(F32) * k
+    G = G_ref[bh, rows, :]
+    r_k = iota((SUB, K), 0)
+    r_1 = iota((SUB,), 0)
+    col = iota((SUB, SUB), 1)
+
+    def body(j, carry):
+        a_d, t_d = carry
+        kj = k_ref[bi, r0 + j, h, :].astype(F32)[None, :]
+        Gj = G_ref[bh, r0 + j, :][None, :]
+        kE = kj * jnp.exp(jnp.where(r_k >= j, G - Gj, -jnp.inf))
+        a_col = jnp.sum(q * kE, axis=1)
+        t_col = jnp.where(r_1 > j, jnp.sum(bk * kE, axis=1), 0.0)
+        a_d = jnp.where(col == j, a_col[:, None], a_d)
+        t_d = jnp.where(col == j, t_col[:, None], t_d)
+        return a_d, t_d
+
+    zero = jnp.zeros((SUB, SUB), F32)
+    return jax.lax.fori_loop(0, SUB, body, (zero, zero))
+
+
+def _invert_unit_lower(t):
+    """(I + t)⁻¹ for a strictly lower 16×16 t by forward substitution (exact float32)."""
+    r = iota((SUB, SUB), 0)
+
+    def body(i, ai):
+        a = -row(t, i)
+        a = a + jnp.sum(a[:, None] * ai, axis=0)
+        return jnp.where(r == i, a[None, :], ai)
+
+    ai = jax.lax.fori_loop(2, SUB, body, -t)
+    return ai + (r == iota((SUB, SUB), 1)).astype(F32)
+
+
+def _solve_blocks(t, precision):
+    """(I + T)⁻¹ as {(i, j): block}: diagonal blocks by substitution, the rest by block
+    substitution X_ij = −X_ii Σ_m T_im X_mj at full float32 precision (never a power series)."""
+    x = {(i, i): _invert_unit_lower(t[(i, i)]) for i in range(NUM_SUB)}
+    for d in range(1, NUM_SUB):
+        for i in range(d, NUM_SUB):
+            j = i - d
+            acc = sum(mm(t[(i, m)], x[(m, j)], precision) for m in range(j, i))
+            x[(i, j)] = -mm(x[(i, i)], acc, precision)
+    return x
+
+
+def _store_blocks(ref, bh, t0, blocks, dtype):
+    zero = jnp.zeros((SUB, SUB), dtype)
+    for i in range(NUM_SUB):
+        for j in range(NUM_SUB):
+            blk = blocks[(i, j)].astype(dtype) if j <= i else zero
+            ref[bh, pl.ds(t0 + SUB * i, SUB), pl.ds(SUB * j, SUB)] = blk
+
+
+def _aux(refs, bi, h, bh, c, *, K, V, scale, block, num):
+    """U = A (w ⊙ v), Y = A Ē, Q_γ = scale·q ⊙ γ, K_tail = k ⊙ exp(G_C − G), by column slices."""
+    q_ref, k_ref, b_ref, v_ref, w_ref, G_ref, gc_ref, ainv_ref, u_ref, y_ref, qg_ref, kt_ref = refs
+    rows = pl.ds(c * CHUNK, CHUNK)
+    A = ainv_ref[bh, rows, :]
+    dt = u_ref.dtype
+
+    bv, bk = min(block, V), min(block, K)
+
+    def v_body(vb, carry):
+        vs = pl.ds(pl.multiple_of(vb * bv, bv), bv)
+        z = v_ref[bi, rows, h, vs].astype(F32) * w_ref[bi, rows, h, vs].astype(F32)
+        u_ref[bh, rows, vs] = mm_cast(A, z, num).astype(dt)
+        return carry
+
+    def k_body(kb, carry):
+        ks = pl.ds(pl.multiple_of(kb * bk, bk), bk)
+        G = G_ref[bh, rows, ks]
+        gamma = jnp.exp(G)
+        k = k_ref[bi, rows, h, ks].astype(F32)
+        e = b_ref[bi, rows, h, ks].astype(F32) * k * gamma
+        y_ref[bh, rows, ks] = mm_cast(A, e, num).astype(dt)
+        qg_ref[bh, rows, ks] = (q_ref[bi, rows, h, ks].astype(F32) * (scale * gamma)).astype(dt)
+        kt_ref[bh, rows, ks] = (k * jnp.exp(gc_ref[bh, c, ks][None, :] - G)).astype(dt)
+        return carry
+
+    jax.lax.fori_loop(0, V // bv, v_body, 0)
+    jax.lax.fori_loop(0, K // bk, k_body, 0)
+
+
+def _intra_kernel(q_ref, k_ref, g_ref, b_ref, v_ref, w_ref, *outs, H, K, V, scale, cfg, num):
+    G_ref, gc_ref, aqk_ref, ainv_ref, u_ref, y_ref, qg_ref, kt_ref = outs
+    c, bh = pl.program_id(0), pl.program_id(1)
+    bi, h = bh // H, bh % H
+    t0 = c * CHUNK
+    _chunk_cumsum(g_ref, G_ref, gc_ref, bi, h, bh, c)
+    barrier(num)
+    bk = min(cfg.intra_block_k, K)
+    score_refs = (q_ref, k_ref, b_ref, G_ref, bi, h, bh)
+    a_off, t_off = _offdiag_scores(*score_refs, t0, K=K, bk=bk, scale=scale, num=num)
+    a_blocks, t_blocks = dict(a_off), dict(t_off)
+    for i in range(NUM_SUB):
+        diag = _diag_scores(*score_refs, t0 + SUB * i, K=K, scale=scale)
+        a_blocks[(i, i)], t_blocks[(i, i)] = diag
+    _store_blocks(aqk_ref, bh, t0, a_blocks, aqk_ref.dtype)
+    _store_blocks(ainv_ref, bh, t0, _solve_blocks(t_blocks, num.solve_precision), ainv_ref.dtype)
+    barrier(num)
+    refs = (q_ref, k_ref, b_ref, v_ref, w_ref, G_ref, gc_ref, ainv_ref, u_ref, y_ref, qg_ref)
+    _aux((*refs, kt_ref), bi, h, bh, c, K=K, V=V, scale=scale, block=cfg.aux_block, num=num)
+
+
+def chunk_intra(q, k, v, g, b, w, *, scale, cfg: ChunkConfig, num: Numerics):
+    """State-independent chunk quantities. Returns (G, γ_C, A_qk, A⁻¹... ) as a dict of
+    G [BH, Tp, K] f32, gc [BH, NT, K] f32 (G at the chunk's last row), aqk and ainv [BH, Tp, 64],
+    u [BH, Tp, V], y, qg, kt [BH, Tp, K] (the last six in the matmul dtype)."""
+    B, Tp, H, K = q.shape
+    V = v.shape[-1]
+    NT, BH, dt = Tp // CHUNK, B * H, num.mm_dtype
+    shapes = dict(
+        G=(BH, Tp, K, F32),
+        gc=(BH, NT, K, F32),
+        aqk=(BH, Tp, CHUNK, dt),
+        ainv=(BH, Tp, CHUNK, dt),
+        u=(BH, Tp, V, dt),
+        y=(BH, Tp, K, dt),
+        qg=(BH, Tp, K, dt),
+        kt=(BH, Tp, K, dt),
+    )
+    kernel = functools.partial(_intra_kernel, H=H, K=K, V=V, scale=scale, cfg=cfg, num=num)
+    outs = pl.pallas_call(
+        kernel,
+        out_shape=[jax.ShapeDtypeStruct(s[:-1], s[-1]) for s in shapes.values()],
+        grid=(NT, BH),
+        compiler_params=compiler_params(cfg.intra),
+        interpret=num.interpret,
+        name="gdn2_chunk_fwd_intra",
+    )(q, k, g, b, v, w)
+    return dict(zip(shapes, outs, strict=True))
+
+
+def _state_kernel(*refs, H, K, NT, bv, num):
+    seq_ref, first_ref, last_ref, h0_ref, fin0_ref, y_ref, u_ref, qg_ref, kt_ref = refs[:9]
+    aqk_ref, gc_ref, o_ref, fin_ref, *saved = refs[9:]
+    vb, bh = pl.program_id(0), pl.program_id(1)
+    bi, h = bh // H, bh % H
+    vs = pl.ds(pl.multiple_of(vb * bv, bv), bv)
+    del fin0_ref  # aliased to fin_ref: slots no chunk finishes keep their zeros
+
+    def body(c, S):
+        rows = pl.ds(c * CHUNK, CHUNK)
+        slot = seq_ref[c]
+        S = jax.lax.cond(first_ref[c] != 0, lambda: h0_ref[slot, bi, h, :, vs], lambda: S)
+        R = u_ref[bh, rows, vs].astype(F32) - mm_cast(y_ref[bh, rows, :], S, num)
+        Rd = R.astype(num.mm_dtype)
+        o = mm_cast(qg_ref[bh, rows, :], S, num) + mm_cast(aqk_ref[bh, rows, :], Rd, num)
+        o_ref[bi, rows, h, vs] = o.astype(o_ref.dtype)
+        if saved:
+            s0_ref, r_ref = saved
+            s0_ref[bh, c, :, vs] = S.astype(s0_ref.dtype)
+            r_ref[bh, rows, vs] = Rd
+        S = jnp.exp(gc_ref[bh, c, :])[:, None] * S + mm_cast(kt_ref[bh, rows, :], Rd, num, ta=True)
+
+        @pl.when(last_ref[c] != 0)
+        def _():
+            fin_ref[slot, bi, h, :, vs] = S
+
+        return S
+
+    jax.lax.fori_loop(0, NT, body, jnp.zeros((K, bv), F32))
+
+
+def chunk_state(intra, h0s, segments, out_dtype, *, cfg: ChunkConfig, num: Numerics, save):
+    """The inter-chunk pass. Returns o [B, Tp, H, V], finals [N+1, B, H, K, V] f32 and, with
+    `save`, each chunk's initial state s0 [BH, NT, K, V] and residual R [BH, Tp, V]."""
+    _, B, H, K, V = h0s.shape
+    BH, Tp, _ = intra["u"].shape
+    NT = Tp // CHUNK
+    bv = min(cfg.state_block_v, V)
+    seq, first, last = (x.astype(jnp.int32) for x in segments)
+    out_shape = [
+        jax.ShapeDtypeStruct((B, Tp, H, V), out_dtype),
+        jax.ShapeDtypeStruct(h0s.shape, F32),
+    ]
+    if save:
+        out_shape += [
+            jax.ShapeDtypeStruct((BH, NT, K, V), num.mm_dtype),
+            jax.ShapeDtypeStruct((BH, Tp, V), num.mm_dtype),
+        ]
+    kernel = functools.partial(_state_kernel, H=H, K=K, NT=NT, bv=bv, num=num)
+    names = ("y", "u", "qg", "kt", "aqk", "gc")
+    outs = pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=(V // bv, BH),
+        input_output_aliases={4: 1},
+        compiler_params=compiler_params(cfg.state),
+        interpret=num.interpret,
+        name="gdn2_chunk_fwd_state" + ("_save" if save else ""),
+    )(seq, first, last, h0s.astype(F32), jnp.zeros(h0s.shape, F32), *(intra[n] for n in names))
+    return outs

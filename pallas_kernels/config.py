@@ -1,0 +1,51 @@
+"""Frozen block-size and launch configurations of the Pallas kernels.
+
+Every kernel reads its tile sizes, warps and pipeline stages from one of these; tuning means
+passing another instance, never editing a kernel. The chunk length (64) and the sub-block length
+(16) of the safe decay factorization are fixed by the algorithm, not tunable.
+"""
+
+import dataclasses
+
+CHUNK = 64  # tokens per chunk (the WY block)
+SUB = 16  # rows per sub-block of the safe factorization and of the blocked triangular solve
+NUM_SUB = CHUNK // SUB
+SUPPORTED_DIMS = (16, 32, 64, 128)  # K and V: powers of two, >= 16 for Triton dots, <= 128 regs
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """One pallas_call's Triton launch parameters."""
+
+    num_warps: int = 4
+    num_stages: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkConfig:
+    """Tiles of the chunkwise forward and backward kernels (K, V, a block are clipped to K, V)."""
+
+    intra_block_k: int = 64  # K slice of the off-diagonal score loop (forward intra kernel)
+    aux_block: int = 64  # column slice of U, Y, Q_γ, K_tail (forward intra kernel)
+    intra: Launch = Launch(num_warps=4, num_stages=1)
+    state_block_v: int = 64  # V columns of the carried state per program (forward state pass)
+    state: Launch = Launch(num_warps=4, num_stages=2)
+    dstate_block_v: int = 64  # V columns of the carried state gradient (reverse state pass)
+    dstate: Launch = Launch(num_warps=4, num_stages=2)
+    wy_block_k: int = 64  # K and V tiles of the gate-aware WY backward kernel
+    wy_block_v: int = 64
+    wy: Launch = Launch(num_warps=4, num_stages=1)
+    intra_bwd_block_k: int = 32  # K tile (grid axis) of the intra-chunk score backward
+    intra_bwd: Launch = Launch(num_warps=4, num_stages=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class RecurrentConfig:
+    """Token-serial decoding kernel: one program per (V block, sequence, head)."""
+
+    block_v: int = 32
+    launch: Launch = Launch(num_warps=4, num_stages=1)
+
+
+DEFAULT_CHUNK_CONFIG = ChunkConfig()
+DEFAULT_RECURRENT_CONFIG = RecurrentConfig()
