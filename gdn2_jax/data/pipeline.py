@@ -1,0 +1,111 @@
+"""Grain pipelines: the training iterator (shuffled, sharded per host, checkpointable) and the
+fixed evaluation batches."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import grain
+import numpy as np
+from absl import flags
+
+from gdn2_jax.config import DataConfig
+from gdn2_jax.data import packed, recall
+
+TRAIN_SPLIT, EVAL_SPLIT = 0, 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Sources:
+    train: object
+    eval: object
+    # Tokens the data can contain (None when unknown without reading every token).
+    vocab_size: int | None
+
+
+def make_sources(cfg: DataConfig) -> Sources:
+    if cfg.kind == "recall":
+        return Sources(
+            recall.RecallSource(cfg.recall, cfg.seq_len, cfg.seed, TRAIN_SPLIT),
+            recall.RecallSource(cfg.recall, cfg.seq_len, cfg.seed, EVAL_SPLIT),
+            cfg.recall.vocab_size,
+        )
+    if cfg.kind == "text":
+
+        def streams(paths):
+            return [packed.byte_stream(paths, cfg.jsonl_field)]
+
+        eos, vocab = packed.BYTE_EOS, packed.BYTE_VOCAB_SIZE
+    else:
+
+        def streams(paths):
+            return packed.token_streams(paths, cfg.token_dtype)
+
+        eos, vocab = cfg.eos_id, None
+    train = packed.PackedWindows(streams(cfg.paths), cfg.seq_len, eos)
+    if cfg.eval_paths:
+        return Sources(
+            train, packed.PackedWindows(streams(cfg.eval_paths), cfg.seq_len, eos), vocab
+        )
+    return _split_tail(train, cfg.eval_fraction, vocab)
+
+
+def _split_tail(windows, fraction: float, vocab: int | None) -> Sources:
+    """Holds out the last windows for eval, so that no eval window is trained on."""
+    n = len(windows)
+    num_eval = max(1, math.ceil(n * fraction))
+    if num_eval >= n:
+        raise ValueError(f"only {n} windows: too few to hold out {fraction:.1%} for eval")
+    ds = grain.MapDataset.source(windows)
+    return Sources(ds[: n - num_eval], ds[n - num_eval :], vocab)
+
+
+def local_batch_size(cfg: DataConfig, process_count: int) -> int:
+    if cfg.batch_size % process_count:
+        raise ValueError(
+            f"data.batch_size={cfg.batch_size} must divide evenly over {process_count} processes"
+        )
+    return cfg.batch_size // process_count
+
+
+def _batched(source, cfg: DataConfig, *, shuffle: bool, process_index: int, process_count: int):
+    ds = grain.MapDataset.source(source)
+    if shuffle:
+        ds = ds.shuffle(seed=cfg.seed)
+    if len(ds) < recall.NUM_EXAMPLES:
+        # Epochs repeat forever, each in a fresh shuffled order.
+        ds = ds.repeat()
+    ds = ds[process_index::process_count]
+    return ds.batch(local_batch_size(cfg, process_count), drop_remainder=True)
+
+
+def make_train_iterator(cfg: DataConfig, *, process_index: int = 0, process_count: int = 1):
+    """An endless iterator of this host's share of each global batch. Its `get_state()` /
+    `set_state()` are what checkpoints store, so a resumed run sees the same batches."""
+    source = make_sources(cfg).train
+    # Recall examples are independent draws already; shuffling them would change nothing.
+    shuffle = cfg.shuffle and cfg.kind != "recall"
+    ds = _batched(
+        source, cfg, shuffle=shuffle, process_index=process_index, process_count=process_count
+    )
+    read = grain.ReadOptions(num_threads=cfg.prefetch, prefetch_buffer_size=cfg.prefetch)
+    it_ds = ds.to_iter_dataset(read)
+    if cfg.num_workers > 0:
+        # Grain's worker processes read absl flags, which only an absl app has parsed
+        # (google/grain#1355); outside one, accept the flag defaults.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
+    return iter(it_ds)
+
+
+def eval_batches(
+    cfg: DataConfig, num_batches: int, *, process_index: int = 0, process_count: int = 1
+) -> list[dict[str, np.ndarray]]:
+    """The same `num_batches` held-out batches every time (eval data wraps if it is short)."""
+    source = make_sources(cfg).eval
+    ds = _batched(
+        source, cfg, shuffle=False, process_index=process_index, process_count=process_count
+    )
+    return [ds[i] for i in range(num_batches)]

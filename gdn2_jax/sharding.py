@@ -1,0 +1,144 @@
+"""Device mesh, logical-axis rules, and the shard_map wrapper that the GDN-2 op runs inside.
+
+Mesh axes: "data" and "fsdp" both split the batch ("fsdp" also splits parameters along the
+model width), "tensor" splits heads, MLP width and vocabulary.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import TYPE_CHECKING
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+from gdn2_jax import ops
+
+if TYPE_CHECKING:
+    # The model imports this module for the op wrapper, and the config imports the model.
+    from gdn2_jax.config import MeshConfig
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# Logical axis names (from the model's nnx.with_partitioning annotations) -> mesh axes.
+LOGICAL_RULES = (
+    ("batch", BATCH_AXES),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("conv", None),
+)
+
+
+def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, ...]:
+    sizes = [cfg.data, cfg.fsdp, cfg.tensor]
+    if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"mesh sizes must be positive with at most one -1, got {sizes}")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if num_devices % known:
+            raise ValueError(f"mesh {sizes}: {num_devices} devices do not divide by {known}")
+        sizes[sizes.index(-1)] = num_devices // known
+    if math.prod(sizes) != num_devices:
+        raise ValueError(
+            f"mesh {dict(zip(MESH_AXES, sizes, strict=True))} needs {math.prod(sizes)} devices, "
+            f"have {num_devices}"
+        )
+    return tuple(sizes)
+
+
+def make_mesh(cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
+    devices = jax.devices() if devices is None else devices
+    # Auto axes: shardings are chosen by the compiler from the constraints we give (GSPMD).
+    return jax.make_mesh(
+        mesh_shape(cfg, len(devices)), MESH_AXES, (AxisType.Auto,) * 3, devices=devices
+    )
+
+
+def _fit(spec: PartitionSpec, shape: tuple[int, ...], mesh) -> PartitionSpec:
+    """Drops mesh axes from dims they do not divide (e.g. a 4-head layer on 8-way tensor)."""
+    dims = []
+    for size, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=True):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        while names and size % math.prod(mesh.shape[a] for a in names):
+            names = names[:-1]
+        dims.append(names if len(names) > 1 else (names[0] if names else None))
+    return PartitionSpec(*dims)
+
+
+def param_shardings(abstract_state: nnx.State, mesh) -> dict:
+    """NamedShardings (as a pure dict) for the parameters of an abstract model state."""
+    with nnx.logical_axis_rules(LOGICAL_RULES):
+        specs = nnx.to_pure_dict(nnx.get_partition_spec(abstract_state))
+    shapes = nnx.to_pure_dict(abstract_state)
+    return jax.tree.map(
+        lambda spec, x: NamedSharding(mesh, _fit(spec, x.shape, mesh)),
+        specs,
+        shapes,
+        is_leaf=lambda s: isinstance(s, PartitionSpec),
+    )
+
+
+def batch_sharding(mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def replicated(mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def _axes_that_divide(mesh, axes: tuple[str, ...], size: int) -> tuple[str, ...] | None:
+    axes = tuple(a for a in axes if a in mesh.axis_names and mesh.shape[a] > 1)
+    if not axes or size % math.prod(mesh.shape[a] for a in axes):
+        return None
+    return axes
+
+
+def gated_delta_rule2(q, k, v, g, b, w, *, initial_state=None, cu_seqlens=None, **kwargs):
+    """`gdn2_jax.ops.gated_delta_rule2` that runs per shard under the active mesh.
+
+    The op's Pallas kernels have no partitioning rule, so under a mesh XLA would gather whole
+    arrays onto every device. Each shard holds whole sequences of some heads, and the recurrence
+    is independent across both, so it runs locally inside shard_map. Without a mesh (or with one
+    that cannot split these shapes) this is the op itself.
+    """
+    op = functools.partial(ops.gated_delta_rule2, **kwargs)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return op(q, k, v, g, b, w, initial_state=initial_state, cu_seqlens=cu_seqlens)
+    # Packed sequences (cu_seqlens) share batch row 0, so only heads can be split then.
+    batch = None if cu_seqlens is not None else _axes_that_divide(mesh, BATCH_AXES, q.shape[0])
+    heads = _axes_that_divide(mesh, ("tensor",), q.shape[2])
+    if batch is None and heads is None:
+        return op(q, k, v, g, b, w, initial_state=initial_state, cu_seqlens=cu_seqlens)
+    x_spec = PartitionSpec(batch, None, heads, None)
+    state_spec = PartitionSpec(batch, heads, None, None)
+    extras = {"initial_state": initial_state, "cu_seqlens": cu_seqlens}
+    extra_specs = {"initial_state": state_spec, "cu_seqlens": PartitionSpec()}
+    given = {name: x for name, x in extras.items() if x is not None}
+
+    def local(q, k, v, g, b, w, given):
+        return op(q, k, v, g, b, w, **given)
+
+    sharded = jax.shard_map(
+        local,
+        in_specs=((x_spec,) * 6 + ({n: extra_specs[n] for n in given},)),
+        out_specs=(x_spec, state_spec if kwargs.get("output_final_state") else None),
+        check_vma=False,
+    )
+    return sharded(q, k, v, g, b, w, given)
+
+
+def host_local_to_global(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
+    """Assembles each host's share of the batch into global arrays sharded over the batch axes."""
+    sharding = batch_sharding(mesh)
+    return {
+        name: jax.make_array_from_process_local_data(sharding, np.asarray(x))
+        for name, x in batch.items()
+    }

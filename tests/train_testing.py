@@ -1,0 +1,76 @@
+"""Shared helpers for the training tests: a CPU-sized variant of the default config, metrics
+reading, and running scripts in fresh processes (needed to give JAX several CPU devices)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from gdn2_jax.config import Config, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = ROOT / "configs" / "recall_tiny.py"
+
+# The default config shrunk so that a step compiles in seconds and runs in milliseconds.
+TINY = (
+    "model.vocab_size=32",
+    "model.hidden_size=32",
+    "model.intermediate_size=64",
+    "model.gdn2_num_heads=2",
+    "model.gdn2_head_dim=16",
+    "model.chunk_size=16",
+    "data.seq_len=32",
+    "data.batch_size=8",
+    "data.recall.vocab_size=32",
+    "data.recall.num_pairs=4",
+    "data.recall.num_queries=4",
+    "optimizer.warmup_steps=2",
+    "logging.every_steps=1",
+    "logging.progress_bar=false",
+    "logging.tensorboard=false",
+    "eval.every_steps=0",
+    "eval.num_batches=1",
+    "checkpoint.every_steps=0",
+)
+
+
+def tiny_overrides(workdir: str | Path, *extra: str) -> list[str]:
+    return [*TINY, f"train.workdir={workdir}", *extra]
+
+
+def tiny_config(workdir: str | Path, *extra: str) -> Config:
+    return load_config(DEFAULT_CONFIG, tiny_overrides(workdir, *extra))
+
+
+def read_metrics(workdir: str | Path, split: str = "train") -> list[dict]:
+    lines = (Path(workdir) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["split"] == split]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def python_env(num_cpu_devices: int = 1) -> dict[str, str]:
+    """The environment for a child Python with `num_cpu_devices` virtual CPU devices."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_cpu_devices}"
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    return env
+
+
+def run_python(args: list[str], *, num_cpu_devices: int = 1, timeout: float = 600):
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=ROOT,
+        env=python_env(num_cpu_devices),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
