@@ -11,10 +11,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gdn2_jax import sharding
 from gdn2_jax.layers.conv import ShortConvolution
 from gdn2_jax.layers.init import GDN2_LINEAR_INIT, dense, partitioned
 from gdn2_jax.layers.norm import OUTPUT_GATES, GatedRMSNorm
-from gdn2_jax.ops import gated_delta_rule2, gated_delta_rule2_step
+from gdn2_jax.ops import gated_delta_rule2_step
 
 GATE_MODES = ("gdn2", "kda", "b_only", "w_only")
 MODES = ("chunk", "recurrent")
@@ -242,7 +243,8 @@ class GatedDeltaRule2(nnx.Module):
         g, b, w = self.gates(x)
         if segment_ids is not None:
             g = jnp.where(_segment_starts(segment_ids)[..., None, None], RESET_LOG_DECAY, g)
-        o, S = gated_delta_rule2(
+        # Under a mesh the op runs per shard (batch x heads): its Pallas kernels cannot be split.
+        o, S = sharding.gated_delta_rule2(
             q, k, v, g, b, w,
             initial_state=None if cache is None else cache.S,
             output_final_state=cache is not None,
