@@ -1,0 +1,100 @@
+"""The Pallas kernels in interpret mode (CPU): the op's shared suite for backend="pallas", the
+decoding kernel against fla's naive recurrence, and the kernels under non-default tile configs.
+
+Interpret mode proves numerics, not lowering: tests/test_pallas_gpu.py runs the same on a GPU.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from fla.ops.gdn2.naive import naive_recurrent_gdn2
+from op_testing import OpBackendTests
+
+from gdn2_jax.crosscheck import NAMES, Shape, make_inputs, rel_err
+from gdn2_jax.ops.core import xla_chunk_core
+from gdn2_jax.ops.layout import dense_segments
+from pallas_kernels import ChunkConfig, Launch, RecurrentConfig, pallas_chunk_core
+from pallas_kernels.recurrent import recurrent
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+class TestPallasBackend(OpBackendTests):
+    backend = "pallas"
+
+
+def fla_recurrent(x, lo=None, hi=None, h0=None):
+    tensors = [torch.tensor(x[n][:, lo:hi]) for n in NAMES[:6]]
+    h0 = x["initial_state"] if h0 is None else h0
+    o, S = naive_recurrent_gdn2(*tensors, initial_state=torch.tensor(h0), output_final_state=True)
+    return o.numpy(), S.numpy()
+
+
+@pytest.mark.parametrize("dims", [(32, 64), (128, 16)])
+def test_recurrent_kernel_matches_fla(dims):
+    K, V = dims
+    x = make_inputs(40, Shape(B=2, T=21, H=2, K=K, V=V), extreme=True)
+    o, S = recurrent(*(jnp.asarray(x[n]) for n in NAMES[:6]), jnp.asarray(x["initial_state"]))
+    o_ref, S_ref = fla_recurrent(x)
+    # float32 against float32, the same token order: a few ulps per step.
+    assert rel_err(o, o_ref) <= 1e-5 and rel_err(S, S_ref) <= 1e-5
+
+
+def test_recurrent_kernel_packed_sequences():
+    cu = np.array([0, 9, 9, 30], np.int32)
+    x = make_inputs(41, Shape(B=1, T=30, H=2, K=16, V=32))
+    h0 = make_inputs(42, Shape(B=3, T=1, H=2, K=16, V=32))["initial_state"]
+    cfg = RecurrentConfig(block_v=16, launch=Launch(num_warps=2))
+    args = [jnp.asarray(x[n]) for n in NAMES[:6]]
+    o, S = recurrent(*args, jnp.asarray(h0), cu_seqlens=jnp.asarray(cu), cfg=cfg)
+    assert rel_err(S[1], h0[1]) == 0.0, "an empty sequence keeps its initial state"
+    for n, (lo, hi) in enumerate([(0, 9), (9, 30)]):
+        slot = 2 * n
+        o_ref, S_ref = fla_recurrent(x, lo, hi, h0[slot : slot + 1])
+        assert rel_err(o[:, lo:hi], o_ref) <= 1e-5
+        assert rel_err(S[slot : slot + 1], S_ref) <= 1e-5
+
+
+def test_recurrent_kernel_bfloat16_output_dtype():
+    x = make_inputs(43, Shape(B=1, T=8, H=1, K=16, V=16))
+    args = [jnp.asarray(x[n], jnp.float32 if n == "g" else jnp.bfloat16) for n in NAMES[:6]]
+    o, S = recurrent(*args, jnp.asarray(x["initial_state"]))
+    o_ref, S_ref = fla_recurrent(x)
+    assert o.dtype == jnp.bfloat16 and S.dtype == jnp.float32
+    # bf16 inputs and output (8 mantissa bits); the state itself stays float32.
+    assert rel_err(o.astype(jnp.float32), o_ref) <= 2e-2 and rel_err(S, S_ref) <= 2e-2
+
+
+def test_chunk_core_under_other_tiles_matches_xla_core():
+    """Every K/V loop of every kernel taken more than once (16-wide tiles at K = V = 32)."""
+    cfg = ChunkConfig(
+        intra_block_k=16,
+        aux_block=16,
+        state_block_v=16,
+        dstate_block_v=16,
+        wy_block_k=16,
+        wy_block_v=16,
+        intra_bwd_block_k=16,
+    )
+    shape = Shape(B=1, T=128, H=2, K=32, V=32)
+    x = make_inputs(44, shape, extreme=True)
+    args = [jnp.asarray(x[n]) for n in NAMES[:6]]
+    h0s = jnp.stack([jnp.asarray(x["initial_state"]), jnp.zeros_like(x["initial_state"])])
+    seg = dense_segments(2)
+    rng = np.random.default_rng(45)
+    cot = (jnp.asarray(rng.standard_normal(x["v"].shape), jnp.float32),) + (
+        jnp.asarray(rng.standard_normal(h0s.shape), jnp.float32),
+    )
+
+    def run(core):
+        out, vjp = jax.vjp(lambda *a: core(*a, seg, 0.3, 64), *args, h0s)
+        return (*out, *vjp(cot))
+
+    ours = run(lambda *a: pallas_chunk_core(*a, cfg))
+    reference = run(xla_chunk_core)
+    for n, (a, b) in enumerate(zip(ours, reference, strict=True)):
+        # finals and dh0s: slot 1 is the unused zero slot.
+        a, b = (a[:1], b[:1]) if n in (1, 8) else (a, b)
+        assert rel_err(a, b) <= 1e-5, n
