@@ -84,9 +84,7 @@ def test_chunk_core_under_other_tiles_matches_xla_core():
     h0s = jnp.stack([jnp.asarray(x["initial_state"]), jnp.zeros_like(x["initial_state"])])
     seg = dense_segments(2)
     rng = np.random.default_rng(45)
-    cot = (jnp.asarray(rng.standard_normal(x["v"].shape), jnp.float32),) + (
-        jnp.asarray(rng.standard_normal(h0s.shape), jnp.float32),
-    )
+    cot = tuple(jnp.asarray(rng.standard_normal(s), jnp.float32) for s in (x["v"].shape, h0s.shape))
 
     def run(core):
         out, vjp = jax.vjp(lambda *a: core(*a, seg, 0.3, 64), *args, h0s)
