@@ -5,14 +5,21 @@
     python benchmarks/bench_ops.py --backends xla pallas --shapes 4x4096 1x16384
 
 Prints medians (ms) of forward and forward+backward and each row's ratio to the baseline row
-(fla when it runs, otherwise the first backend). Absolute CPU times mean little; ratios do.
+(fla when it runs, otherwise the first backend), the peak memory of forward+backward (JAX: the
+compiled program's arguments + outputs + temporaries; torch: max_memory_allocated, inputs
+included) and, with fla, each backend's forward error against fla's output on the same inputs.
+Absolute CPU times mean little; ratios do.
 """
 
 import argparse
 import dataclasses
 import importlib.util
+import os
 import statistics
 import time
+
+# JAX and torch share the GPU in one process: JAX must not take 75% of it up front.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax
 import jax.numpy as jnp
@@ -52,15 +59,24 @@ def make_arrays(case: Case, seed=0):
     )
 
 
-def median_ms(fn, warmup, iters):
+def median_ms(fn, warmup, iters, sync=lambda x: x, inner=5):
+    """Median over `iters` samples of `inner` back-to-back calls, synchronized once per sample:
+    the device work, with host dispatch overlapped as in a training loop."""
     for _ in range(warmup):
-        fn()
+        sync(fn())
     times = []
     for _ in range(iters):
         start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
+        for _ in range(inner):
+            out = fn()
+        sync(out)
+        times.append((time.perf_counter() - start) * 1e3 / inner)
     return statistics.median(times)
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 def time_jax(backend, arrays, case, warmup, iters):
@@ -75,10 +91,23 @@ def time_jax(backend, arrays, case, warmup, iters):
 
     fwd_jit = jax.jit(fwd)
     grad_jit = jax.jit(jax.grad(loss, argnums=tuple(range(6))))
-    return (
-        median_ms(lambda: fwd_jit(*args).block_until_ready(), warmup, iters),
-        median_ms(lambda: jax.block_until_ready(grad_jit(*args)), warmup, iters),
+    mem = grad_jit.lower(*args).compile().memory_analysis()
+    peak = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+    sync = jax.block_until_ready
+    return Timing(
+        median_ms(lambda: fwd_jit(*args), warmup, iters, sync),
+        median_ms(lambda: grad_jit(*args), warmup, iters, sync),
+        peak / 2**30,
+        np.asarray(fwd_jit(*args).astype(jnp.float32)),
     )
+
+
+@dataclasses.dataclass
+class Timing:
+    fwd_ms: float
+    fwd_bwd_ms: float
+    peak_gib: float
+    output: np.ndarray
 
 
 def fla_available():
@@ -102,15 +131,26 @@ def time_fla(arrays, case, warmup, iters):
 
     def fwd():
         with torch.no_grad():
-            chunk_gdn2(*args)
-        torch.cuda.synchronize()
+            return chunk_gdn2(*args)[0]
 
     def fwd_bwd():
         o, _ = chunk_gdn2(*args)
         o.float().sum().backward()
+
+    def sync(_):
         torch.cuda.synchronize()
 
-    return median_ms(fwd, warmup, iters), median_ms(fwd_bwd, warmup, iters)
+    fwd_ms = median_ms(fwd, warmup, iters, sync)
+    fwd_bwd_ms = median_ms(fwd_bwd, warmup, iters, sync)
+    for a in args:
+        a.grad = None
+    # Inputs stay allocated across the reset, so they count, as JAX's arguments do.
+    torch.cuda.reset_peak_memory_stats()
+    fwd_bwd()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    output = fwd().float().cpu().numpy()
+    return Timing(fwd_ms, fwd_bwd_ms, peak / 2**30, output)
 
 
 def parse_args():
@@ -146,17 +186,24 @@ def main():
             timings["fla chunk_gdn2"] = time_fla(arrays, case, args.warmup, args.iters)
         for backend in backends:
             timings[backend] = time_jax(backend, arrays, case, args.warmup, args.iters)
-        base_fwd, base_both = next(iter(timings.values()))
-        for name, (fwd, both) in timings.items():
-            rows.append((case.label, name, fwd, both, fwd / base_fwd, both / base_both))
+        base = next(iter(timings.values()))
+        for name, t in timings.items():
+            err = rel_err(t.output, base.output) if with_fla and t is not base else float("nan")
+            rows.append(
+                (case.label, name, t, t.fwd_ms / base.fwd_ms, t.fwd_bwd_ms / base.fwd_bwd_ms, err)
+            )
     print(f"device: {jax.devices()[0].device_kind}")
     header = (
         f"{'shape':<28} {'impl':<16} {'fwd ms':>9} {'fwd+bwd ms':>11} {'fwd x':>7} {'f+b x':>7}"
+        f" {'peak GiB':>9} {'err vs fla':>10}"
     )
     print(header)
     print("-" * len(header))
-    for label, name, fwd, both, rf, rb in rows:
-        print(f"{label:<28} {name:<16} {fwd:>9.3f} {both:>11.3f} {rf:>7.2f} {rb:>7.2f}")
+    for label, name, t, rf, rb, err in rows:
+        print(
+            f"{label:<28} {name:<16} {t.fwd_ms:>9.3f} {t.fwd_bwd_ms:>11.3f} {rf:>7.2f} {rb:>7.2f}"
+            f" {t.peak_gib:>9.2f} {err:>10.1e}"
+        )
 
 
 if __name__ == "__main__":

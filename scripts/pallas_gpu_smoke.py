@@ -1,0 +1,74 @@
+"""Compile and check every Pallas kernel on the GPU, one launch at a time, so that one lowering
+failure does not hide the next: python scripts/pallas_gpu_smoke.py (prints a line per kernel)."""
+
+import os
+import traceback
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gdn2_jax.crosscheck import NAMES, Shape, make_inputs, rel_err
+from gdn2_jax.ops import gated_delta_rule2_recurrent
+from gdn2_jax.ops.core import xla_chunk_core
+from gdn2_jax.ops.layout import dense_segments
+from pallas_kernels import pallas_chunk_core
+from pallas_kernels.recurrent import recurrent
+
+
+def check(label, fn):
+    try:
+        print(f"{label:<40} {fn()}", flush=True)
+    except Exception:  # report every kernel's failure, then go on to the next
+        print(f"{label:<40} FAILED\n{traceback.format_exc()[-3000:]}", flush=True)
+
+
+def core_errors(dtype, K, V, T=256, B=2, H=2):
+    x = make_inputs(0, Shape(B=B, T=T, H=H, K=K, V=V), extreme=True)
+    args = [jnp.asarray(x[n], jnp.float32 if n == "g" else dtype) for n in NAMES[:6]]
+    h0s = jnp.stack([jnp.asarray(x["initial_state"]), jnp.zeros_like(x["initial_state"])])
+    seg = dense_segments(T // 64)
+    rng = np.random.default_rng(1)
+    do = rng.standard_normal((B, T, H, V))
+    dfin = jnp.asarray(rng.standard_normal(h0s.shape), jnp.float32)
+
+    def run(core, a):
+        out, vjp = jax.vjp(lambda *z: core(*z, seg, K**-0.5, 64), *a)
+        grads = vjp((jnp.asarray(do, a[0].dtype), dfin))
+        # finals and dh0s: only slot 0 is a sequence's (slot 1 is the unused zero slot).
+        return [np.asarray(x, np.float32) for x in (out[0], out[1][0], *grads[:6], grads[6][0])]
+
+    ours = run(pallas_chunk_core, [*args, h0s])
+    ref = run(xla_chunk_core, [*[a.astype(jnp.float32) for a in args], h0s])
+    names = ["o", "fin", *"qkvgbw", "h0"]
+    return " ".join(f"{n}={rel_err(a, b):.1e}" for n, a, b in zip(names, ours, ref, strict=True))
+
+
+def recurrent_error(dtype):
+    x = make_inputs(1, Shape(B=2, T=33, H=2, K=128, V=128))
+    args = [jnp.asarray(x[n], jnp.float32 if n == "g" else dtype) for n in NAMES[:6]]
+    o, S = recurrent(*args, jnp.asarray(x["initial_state"]))
+    o_ref, S_ref = gated_delta_rule2_recurrent(
+        *[a.astype(jnp.float32) for a in args],
+        initial_state=jnp.asarray(x["initial_state"]),
+        output_final_state=True,
+    )
+    return f"o={rel_err(o.astype(jnp.float32), o_ref):.1e} S={rel_err(S, S_ref):.1e}"
+
+
+def main():
+    print(jax.devices())
+    for dtype in (jnp.float32, jnp.bfloat16):
+        check(f"recurrent {jnp.dtype(dtype).name}", lambda d=dtype: recurrent_error(d))
+    for dtype in (jnp.bfloat16, jnp.float32):
+        for K, V in ((128, 128), (64, 64), (32, 16)):
+            check(
+                f"core {jnp.dtype(dtype).name} K{K} V{V}",
+                lambda d=dtype, k=K, v=V: core_errors(d, k, v),
+            )
+
+
+if __name__ == "__main__":
+    main()

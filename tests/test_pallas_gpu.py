@@ -1,0 +1,96 @@
+"""The Pallas kernels compiled for a GPU (Triton lowering): `pytest -m gpu` on the H100.
+
+The op's shared suite for backend="pallas" (float32 inputs run TF32×3 matmuls, so the shared
+float32 tolerances hold), production head sizes in float32 and bfloat16 against fla's naive
+recurrence (CPU, float32), and the decoding kernel. Skipped where JAX has no GPU.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from op_testing import OpBackendTests
+from test_pallas import fla_recurrent
+
+from gdn2_jax.crosscheck import (
+    NAMES,
+    Shape,
+    jax_forward_and_grads,
+    make_cotangents,
+    make_inputs,
+    rel_err,
+    torch_reference,
+)
+from gdn2_jax.ops import gated_delta_rule2
+from pallas_kernels.recurrent import recurrent
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU"),
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+]
+
+
+class TestPallasGpu(OpBackendTests):
+    backend = "pallas"
+
+
+def _errors(x, dtype, **kwargs):
+    shape = Shape(*x["q"].shape[:3], x["q"].shape[3], x["v"].shape[3])
+    cot = make_cotangents(0, shape)
+    o_ref, S_ref, g_ref = torch_reference(x, cot)
+
+    def op(q, k, v, g, b, w, **kw):
+        cast = [a.astype(dtype) for a in (q, k, v, b, w)]
+        o, S = gated_delta_rule2(*cast[:3], g, *cast[3:], backend="pallas", **kw, **kwargs)
+        return o.astype(jnp.float32), S
+
+    o, S, grads = jax_forward_and_grads(x, cot, fn=op)
+    errors = {"o": rel_err(o, o_ref), "S": rel_err(S, S_ref)}
+    return errors | {n: rel_err(grads[n], g_ref[n]) for n in grads}
+
+
+@pytest.mark.parametrize("dims", [(64, 64), (128, 128)])
+@pytest.mark.parametrize("extreme", [False, True])
+def test_float32_production_heads(dims, extreme):
+    x = make_inputs(50, Shape(B=2, T=200, H=2, K=dims[0], V=dims[1]), extreme=extreme)
+    errors = _errors(x, jnp.float32)
+    # TF32×3 matmuls and an exact solve: float32-level agreement, as the shared suite's.
+    assert all(e <= 1e-3 for e in errors.values()), errors
+    assert errors["o"] <= 1e-4, errors
+
+
+@pytest.mark.parametrize("dims", [(64, 64), (128, 128)])
+def test_bfloat16_production_heads(dims):
+    x = make_inputs(51, Shape(B=2, T=200, H=2, K=dims[0], V=dims[1]))
+    errors = _errors(x, jnp.bfloat16)
+    # bf16 inputs, bf16 intermediates (as fla's kernels) and 8-bit mantissas: ~1e-2.
+    assert errors["o"] <= 2e-2 and errors["S"] <= 2e-2, errors
+    assert all(e <= 5e-2 for e in errors.values()), errors
+
+
+def test_packed_bfloat16_matches_separate_runs():
+    cu = np.array([0, 70, 70, 200, 333], np.int32)
+    x = make_inputs(52, Shape(B=1, T=333, H=2, K=128, V=128), with_h0=False)
+    args = [jnp.asarray(x[n], jnp.float32 if n == "g" else jnp.bfloat16) for n in NAMES[:6]]
+    o, S = gated_delta_rule2(
+        *args, cu_seqlens=jnp.asarray(cu), output_final_state=True, backend="pallas"
+    )
+    for n in range(len(cu) - 1):
+        lo, hi = int(cu[n]), int(cu[n + 1])
+        if hi == lo:
+            assert float(jnp.abs(S[n]).max()) == 0.0
+            continue
+        o_ref, S_ref = fla_recurrent(x, lo, hi, np.zeros_like(S[n : n + 1]))
+        assert rel_err(o[:, lo:hi].astype(jnp.float32), o_ref) <= 2e-2, n
+        assert rel_err(S[n : n + 1], S_ref) <= 2e-2, n
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_recurrent_kernel_on_gpu(dtype):
+    x = make_inputs(53, Shape(B=2, T=40, H=2, K=128, V=128), extreme=True)
+    args = [jnp.asarray(x[n], jnp.float32 if n == "g" else dtype) for n in NAMES[:6]]
+    o, S = recurrent(*args, jnp.asarray(x["initial_state"]))
+    o_ref, S_ref = fla_recurrent(x)
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2  # elementwise float32 math either way
+    assert rel_err(o.astype(jnp.float32), o_ref) <= tol and rel_err(S, S_ref) <= tol
