@@ -166,10 +166,66 @@ def parse_args():
     return parser.parse_args()
 
 
+@dataclasses.dataclass
+class Row:
+    """One line of the table: a case, an implementation, its timings and its ratio to the
+    baseline (fla when it runs, otherwise the first backend)."""
+
+    shape: str
+    impl: str
+    fwd_ms: float
+    fwd_bwd_ms: float
+    fwd_ratio: float
+    fwd_bwd_ratio: float
+    peak_gib: float
+    err_vs_fla: float
+
+
+def benchmark(cases, backends=None, *, warmup=3, iters=20, with_fla=None):
+    """Times every backend (and fla on a GPU) on every `Case`; returns a list of `Row`.
+
+    The importable entry of this script (the notebooks call it); `main` is its command line.
+    """
+    on_gpu = jax.default_backend() == "gpu"
+    backends = backends or (["pallas", "xla"] if on_gpu else ["xla", "scan"])
+    with_fla = fla_available() if with_fla is None else with_fla
+    rows = []
+    for case in cases:
+        arrays = make_arrays(case)
+        timings = {}
+        if with_fla:
+            timings["fla chunk_gdn2"] = time_fla(arrays, case, warmup, iters)
+        for backend in backends:
+            timings[backend] = time_jax(backend, arrays, case, warmup, iters)
+        base = next(iter(timings.values()))
+        for name, t in timings.items():
+            err = rel_err(t.output, base.output) if with_fla and t is not base else float("nan")
+            rows.append(
+                Row(
+                    case.label, name, t.fwd_ms, t.fwd_bwd_ms, t.fwd_ms / base.fwd_ms,
+                    t.fwd_bwd_ms / base.fwd_bwd_ms, t.peak_gib, err,
+                )
+            )  # fmt: skip
+    return rows
+
+
+def format_table(rows):
+    """The printed table of `benchmark`'s rows, headed by the device."""
+    header = (
+        f"{'shape':<28} {'impl':<16} {'fwd ms':>9} {'fwd+bwd ms':>11} {'fwd x':>7} {'f+b x':>7}"
+        f" {'peak GiB':>9} {'err vs fla':>10}"
+    )
+    lines = [f"device: {jax.devices()[0].device_kind}", header, "-" * len(header)]
+    for r in rows:
+        lines.append(
+            f"{r.shape:<28} {r.impl:<16} {r.fwd_ms:>9.3f} {r.fwd_bwd_ms:>11.3f}"
+            f" {r.fwd_ratio:>7.2f} {r.fwd_bwd_ratio:>7.2f} {r.peak_gib:>9.2f} {r.err_vs_fla:>10.1e}"
+        )
+    return "\n".join(lines)
+
+
 def main():
     args = parse_args()
-    on_gpu = jax.default_backend() == "gpu"
-    backends = args.backends or (["pallas", "xla"] if on_gpu else ["xla", "scan"])
     if args.small:
         cases = [Case(1, 512, H=2, K=64, V=64, dtype=args.dtype)]
     else:
@@ -177,33 +233,7 @@ def main():
             Case(*map(int, s.split("x")), H=args.heads, K=args.dim, V=args.dim, dtype=args.dtype)
             for s in args.shapes
         ]
-    with_fla = fla_available()
-    rows = []
-    for case in cases:
-        arrays = make_arrays(case)
-        timings = {}
-        if with_fla:
-            timings["fla chunk_gdn2"] = time_fla(arrays, case, args.warmup, args.iters)
-        for backend in backends:
-            timings[backend] = time_jax(backend, arrays, case, args.warmup, args.iters)
-        base = next(iter(timings.values()))
-        for name, t in timings.items():
-            err = rel_err(t.output, base.output) if with_fla and t is not base else float("nan")
-            rows.append(
-                (case.label, name, t, t.fwd_ms / base.fwd_ms, t.fwd_bwd_ms / base.fwd_bwd_ms, err)
-            )
-    print(f"device: {jax.devices()[0].device_kind}")
-    header = (
-        f"{'shape':<28} {'impl':<16} {'fwd ms':>9} {'fwd+bwd ms':>11} {'fwd x':>7} {'f+b x':>7}"
-        f" {'peak GiB':>9} {'err vs fla':>10}"
-    )
-    print(header)
-    print("-" * len(header))
-    for label, name, t, rf, rb, err in rows:
-        print(
-            f"{label:<28} {name:<16} {t.fwd_ms:>9.3f} {t.fwd_bwd_ms:>11.3f} {rf:>7.2f} {rb:>7.2f}"
-            f" {t.peak_gib:>9.2f} {err:>10.1e}"
-        )
+    print(format_table(benchmark(cases, args.backends, warmup=args.warmup, iters=args.iters)))
 
 
 if __name__ == "__main__":
