@@ -1,0 +1,170 @@
+"""Generation: prefill + cached decoding reproduces the full forward pass; the samplers."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from gdn2_jax.generate import GREEDY, SamplingConfig, generate, sample_logits
+from gdn2_jax.model import CausalLM, ModelConfig
+
+# float32 everywhere; the chunked prefill and the token-serial decode round differently,
+# so logits (of size ~1) agree to a few float32 ulps times the depth, not bit-for-bit.
+DECODE_TOL = 1e-5
+
+
+def _tokens(B, T, vocab, seed=0):
+    return jax.random.randint(jax.random.key(seed), (B, T), 0, vocab, jnp.int32)
+
+
+def _rel(a, b):
+    return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+
+@nnx.jit(static_argnames="max_len")
+def _prefill(model, tokens, max_len):
+    return model.prefill(tokens, max_len=max_len)
+
+
+@nnx.jit
+def _step(model, token, caches):
+    return model.decode_step(token, caches)
+
+
+@nnx.jit
+def _forward(model, tokens):
+    return model(tokens)
+
+
+def _inference(model):
+    """The model in inference mode: inputs of at most 64 tokens take the token-serial kernel."""
+    model.eval()
+    return model
+
+
+def _decode_all(model, tokens, prompt_len):
+    logits, caches = _prefill(model, tokens[:, :prompt_len], tokens.shape[1])
+    out = [logits]
+    for t in range(prompt_len, tokens.shape[1]):
+        step_logits, caches = _step(model, tokens[:, t], caches)
+        out.append(step_logits[:, None])
+    return jnp.concatenate(out, axis=1)
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    [("gdn2", "gdn2"), ("gdn2", "swa"), ("attn", "gdn2")],
+    ids=["recurrent", "hybrid-swa", "full-attention"],
+)
+def test_prefill_then_decode_matches_full_forward(pattern):
+    """Prompt 70 tokens (chunk path, two chunks), then 10 decoded: the SWA ring (window 16) wraps
+    during prefill and decode."""
+    cfg = ModelConfig.preset("tiny-hybrid", block_pattern=pattern)
+    model = CausalLM(cfg, rngs=nnx.Rngs(1))
+    tokens = _tokens(2, 80, cfg.vocab_size)
+    assert _rel(_decode_all(model, tokens, 70), _forward(model, tokens)) < DECODE_TOL
+
+
+def test_short_prompt_prefill_in_inference_mode_then_decode():
+    """Prompt 21 tokens takes the token-serial kernel in inference mode; the reference too."""
+    cfg = ModelConfig.preset("tiny-hybrid")
+    model = _inference(CausalLM(cfg, rngs=nnx.Rngs(1)))
+    tokens = _tokens(2, 40, cfg.vocab_size)
+    assert _rel(_decode_all(model, tokens, 21), _forward(model, tokens)) < DECODE_TOL
+
+
+def test_prefill_of_one_token_then_decode():
+    cfg = ModelConfig.preset("tiny-hybrid")
+    model = _inference(CausalLM(cfg, rngs=nnx.Rngs(2)))
+    tokens = _tokens(1, 12, cfg.vocab_size, seed=3)
+    assert _rel(_decode_all(model, tokens, 1), _forward(model, tokens)) < DECODE_TOL
+
+
+def test_greedy_generate_equals_argmax_of_full_forward():
+    cfg = ModelConfig.preset("tiny-hybrid")
+    model = _inference(CausalLM(cfg, rngs=nnx.Rngs(0)))
+    prompt = _tokens(2, 9, cfg.vocab_size, seed=5)
+    out = generate(model, prompt, max_new_tokens=8)
+    assert out.shape == (2, 17)
+    np.testing.assert_array_equal(np.asarray(out[:, :9]), np.asarray(prompt))
+    seq = prompt
+    for _ in range(8):
+        nxt = jnp.argmax(_forward(model, seq)[:, -1], axis=-1).astype(jnp.int32)
+        seq = jnp.concatenate([seq, nxt[:, None]], axis=1)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(seq))
+
+
+def test_generate_stops_at_eos():
+    cfg = ModelConfig.preset("tiny")
+    model = CausalLM(cfg, rngs=nnx.Rngs(0))
+    prompt = _tokens(1, 4, cfg.vocab_size)
+    free = generate(model, prompt, max_new_tokens=6)
+    eos = int(free[0, 6])  # the third generated token
+    out = np.asarray(generate(model, prompt, max_new_tokens=6, eos_id=eos))
+    np.testing.assert_array_equal(out[0, :7], np.asarray(free[0, :7]))
+    assert (out[0, 7:] == eos).all()
+
+
+def test_sampled_generation_is_reproducible_and_in_vocab():
+    cfg = ModelConfig.preset("tiny")
+    model = CausalLM(cfg, rngs=nnx.Rngs(0))
+    prompt = _tokens(3, 5, cfg.vocab_size)
+    sampling = SamplingConfig(temperature=0.8, top_k=20, top_p=0.9)
+    a = generate(model, prompt, max_new_tokens=5, sampling=sampling, rng=jax.random.key(7))
+    b = generate(model, prompt, max_new_tokens=5, sampling=sampling, rng=jax.random.key(7))
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert int(a.min()) >= 0 and int(a.max()) < cfg.vocab_size
+
+
+LOGITS = jnp.log(jnp.array([[0.05, 0.4, 0.1, 0.3, 0.15]]))
+
+
+def _draws(sampling, n=4000):
+    keys = jax.random.split(jax.random.key(0), n)
+    tokens = jax.vmap(lambda k: sample_logits(LOGITS, k, sampling))(keys)
+    return np.bincount(np.asarray(tokens).ravel(), minlength=5) / n
+
+
+def test_greedy_is_argmax():
+    assert int(sample_logits(LOGITS, jax.random.key(0), GREEDY)[0]) == 1
+    assert int(sample_logits(LOGITS, jax.random.key(0), SamplingConfig(top_k=1))[0]) == 1
+
+
+def test_temperature_one_samples_the_softmax():
+    # 4000 draws: binomial standard error ≤ 0.008, so 0.03 is about four standard errors.
+    np.testing.assert_allclose(_draws(SamplingConfig()), np.exp(np.asarray(LOGITS[0])), atol=0.03)
+
+
+def test_top_k_keeps_the_k_most_likely():
+    freq = _draws(SamplingConfig(top_k=2))
+    assert freq[[0, 2, 4]].sum() == 0
+    np.testing.assert_allclose(freq[[1, 3]], [0.4 / 0.7, 0.3 / 0.7], atol=0.03)
+
+
+def test_top_p_keeps_the_nucleus():
+    # Sorted: 0.4, 0.3, 0.15, ... — 0.4 + 0.3 = 0.7 < 0.75, so the nucleus needs 0.15 too.
+    freq = _draws(SamplingConfig(top_p=0.75))
+    assert freq[[0, 2]].sum() == 0
+    np.testing.assert_allclose(freq[[1, 3, 4]], np.array([0.4, 0.3, 0.15]) / 0.85, atol=0.03)
+
+
+def test_low_temperature_concentrates_on_the_mode():
+    assert _draws(SamplingConfig(temperature=0.05))[1] > 0.99
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [({"temperature": -1.0}, "temperature"), ({"top_k": -2}, "top_k"), ({"top_p": 0.0}, "top_p")],
+)
+def test_bad_sampling_config(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        SamplingConfig(**kwargs)
+
+
+def test_bad_generate_arguments():
+    model = CausalLM(ModelConfig.preset("tiny"), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(model, jnp.zeros((1, 3), jnp.int32), max_new_tokens=0)
+    with pytest.raises(ValueError, match="prompt"):
+        generate(model, jnp.zeros((3,), jnp.int32), max_new_tokens=2)
