@@ -1,12 +1,17 @@
 """Per-kernel timings of the Pallas chunk kernels (and of fla's, through torch's profiler).
 
     python benchmarks/bench_kernels.py --shapes 4x4096 1x16384
+    python benchmarks/bench_kernels.py --shapes 4x4096 --sweep   # launch-config variants too
 
 Each Pallas launch is jitted alone on the intermediates the previous launch produced; times are
 medians (ms). fla's kernels are read off one profiled forward+backward (device time per kernel).
+With --sweep every launch is also timed under the ChunkConfig variants in `SWEEP`, which is how the
+defaults in pallas_kernels/config.py were chosen.
 """
 
 import argparse
+import dataclasses
+import functools
 import os
 import statistics
 
@@ -17,43 +22,105 @@ import jax.numpy as jnp
 from bench_ops import Case, fla_available, make_arrays, median_ms
 
 from gdn2_jax.ops.layout import dense_segments
-from pallas_kernels import DEFAULT_CHUNK_CONFIG
+from pallas_kernels import ChunkConfig, Launch, default_chunk_config
 from pallas_kernels.chunk_bwd import chunk_dstate, chunk_intra_bwd, chunk_wy_bwd
 from pallas_kernels.chunk_fwd import chunk_intra, chunk_state
 from pallas_kernels.common import numerics_for
 
+STAGES = ("fwd intra", "fwd state", "fwd state+save", "bwd dstate", "bwd wy", "bwd intra")
 
-def pallas_stages(case: Case, cfg=DEFAULT_CHUNK_CONFIG):
-    """(name, jitted fn, args) per launch, in forward then backward order."""
+# Per stage: the config fields it reads, and values to try for them.
+SWEEP = {
+    "fwd intra": [
+        {"intra": Launch(w, s), "intra_block_k": bk}
+        for w, s, bk in [(2, 1, 64), (8, 1, 64), (4, 2, 64), (4, 1, 32), (2, 1, 32)]
+    ],
+    "fwd state+save": [
+        {"state": Launch(w, s), "state_block_v": bv}
+        for w, s, bv in [(4, 1, 64), (4, 3, 64), (8, 2, 64), (4, 2, 32), (8, 2, 128)]
+    ],
+    "bwd dstate": [
+        {"dstate": Launch(w, s), "dstate_block_v": bv}
+        for w, s, bv in [(4, 1, 64), (4, 3, 64), (8, 2, 64), (4, 2, 32), (8, 2, 128)]
+    ],
+    "bwd wy": [
+        {"wy": Launch(w, s), "wy_block_k": bk, "wy_block_v": bv}
+        for w, s, bk, bv in [(8, 1, 64, 64), (4, 1, 32, 64), (8, 1, 32, 64), (4, 1, 32, 128)]
+    ],
+    "bwd intra": [
+        {"intra_bwd": Launch(w, s), "intra_bwd_block_k": bk}
+        for w, s, bk in [(2, 1, 32), (8, 1, 32), (4, 2, 32), (4, 1, 64)]
+    ],
+}
+
+
+@dataclasses.dataclass
+class Intermediates:
+    inputs: tuple
+    h0s: jax.Array
+    segments: tuple
+    intra: dict
+    saved: tuple
+    do: jax.Array
+    dfinals: jax.Array
+    dstate: tuple
+    wy: tuple
+
+
+def intermediates(case: Case) -> Intermediates:
+    """Every launch's inputs, produced by the default-config launches before it."""
     dtype = jnp.dtype(case.dtype)
     x = make_arrays(case)
-    q, k, v, g, b, w = (jnp.asarray(x[n], jnp.float32 if n == "g" else dtype) for n in "qkvgbw")
-    num = numerics_for(dtype, interpret=jax.default_backend() != "gpu")
-    scale = case.K**-0.5
+    inputs = tuple(jnp.asarray(x[n], jnp.float32 if n == "g" else dtype) for n in "qkvgbw")
     h0s = jnp.zeros((2, case.B, case.H, case.K, case.V), jnp.float32)
-    seg = dense_segments(case.T // 64)
+    it = Intermediates(inputs, h0s, dense_segments(case.T // 64), *[None] * 6)
+    fns = stage_fns(case, default_chunk_config(dtype))
+    it.intra = fns["fwd intra"](it)
+    o, finals, *it.saved = fns["fwd state+save"](it)
+    it.do, it.dfinals = jnp.ones_like(o), jnp.ones_like(finals)
+    dsc, dr, _ = fns["bwd dstate"](it)
+    it.dstate = (dsc, dr)
+    _, _, *it.wy = fns["bwd wy"](it)
+    return it
+
+
+def stage_fns(case: Case, cfg: ChunkConfig):
+    """Stage name -> jitted function of an `Intermediates`, every launch under `cfg`."""
+    dtype = jnp.dtype(case.dtype)
+    num = numerics_for(dtype, interpret=jax.default_backend() != "gpu")
     kw = dict(cfg=cfg, num=num)
-    intra_fn = jax.jit(lambda *a: chunk_intra(*a, scale=scale, **kw))
-    intra = intra_fn(q, k, v, g, b, w)
-    state_fn = jax.jit(lambda i: chunk_state(i, h0s, seg, dtype, **kw, save=False))
-    save_fn = jax.jit(lambda i: chunk_state(i, h0s, seg, dtype, **kw, save=True))
-    o, finals, s0, r = save_fn(intra)
-    do, dfin = jnp.ones_like(o), jnp.ones_like(finals)
-    dstate_fn = jax.jit(lambda i, d: chunk_dstate(i, s0.shape, seg, d, dfin, **kw))
-    dsc, dr, _ = dstate_fn(intra, do)
-    wy_fn = jax.jit(
-        lambda i, d: chunk_wy_bwd(q, k, v, b, w, d, i, (s0, r), (dsc, dr), scale=scale, **kw)
-    )
-    _, _, *wy = wy_fn(intra, do)
-    intra_bwd_fn = jax.jit(lambda G, wy: chunk_intra_bwd(q, k, b, G, wy, scale=scale, **kw))
-    return [
-        ("fwd intra", intra_fn, (q, k, v, g, b, w)),
-        ("fwd state", state_fn, (intra,)),
-        ("fwd state+save", save_fn, (intra,)),
-        ("bwd dstate", dstate_fn, (intra, do)),
-        ("bwd wy", wy_fn, (intra, do)),
-        ("bwd intra", intra_bwd_fn, (intra["G"], wy)),
-    ]
+    scale = case.K**-0.5
+
+    @jax.jit
+    def intra(inputs):
+        return chunk_intra(*inputs, scale=scale, **kw)
+
+    @functools.partial(jax.jit, static_argnames="save")
+    def state(i, h0s, seg, save):
+        return chunk_state(i, h0s, seg, dtype, **kw, save=save)
+
+    @jax.jit
+    def dstate(i, saved, seg, do, dfin):
+        return chunk_dstate(i, saved[0].shape, seg, do, dfin, **kw)
+
+    @jax.jit
+    def wy(inputs, i, do, saved, dst):
+        q, k, v, _, b, w = inputs
+        return chunk_wy_bwd(q, k, v, b, w, do, i, saved, dst, scale=scale, **kw)
+
+    @jax.jit
+    def intra_bwd(inputs, G, wy_parts):
+        q, k, _, _, b, _ = inputs
+        return chunk_intra_bwd(q, k, b, G, wy_parts, scale=scale, **kw)
+
+    return {
+        "fwd intra": lambda it: intra(it.inputs),
+        "fwd state": lambda it: state(it.intra, it.h0s, it.segments, False),
+        "fwd state+save": lambda it: state(it.intra, it.h0s, it.segments, True),
+        "bwd dstate": lambda it: dstate(it.intra, it.saved, it.segments, it.do, it.dfinals),
+        "bwd wy": lambda it: wy(it.inputs, it.intra, it.do, it.saved, it.dstate),
+        "bwd intra": lambda it: intra_bwd(it.inputs, it.intra["G"], it.wy),
+    }
 
 
 def fla_kernel_times(case: Case):
@@ -84,21 +151,44 @@ def fla_kernel_times(case: Case):
     return {n: statistics.median(r.get(n, 0.0) for r in runs) for n in runs[0]}
 
 
+def time_stage(fn, it, iters):
+    return median_ms(lambda: fn(it), 3, iters, jax.block_until_ready)
+
+
+def sweep(case: Case, it: Intermediates, iters):
+    base = default_chunk_config(jnp.dtype(case.dtype))
+    for stage, variants in SWEEP.items():
+        for fields in variants:
+            label = " ".join(f"{k}={v}" for k, v in fields.items())
+            try:
+                ms = time_stage(
+                    stage_fns(case, dataclasses.replace(base, **fields))[stage], it, iters
+                )
+                print(f"  sweep {stage:<16} {ms:8.3f} ms  {label}", flush=True)
+            except jax.errors.JaxRuntimeError as err:  # e.g. shared memory over the limit
+                print(f"  sweep {stage:<16}   failed   {label}: {str(err)[:120]}", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=["4x4096", "1x16384"])
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--sweep", action="store_true")
     args = parser.parse_args()
     for shape in args.shapes:
         case = Case(*map(int, shape.split("x")), dtype=args.dtype)
-        print(f"\n{case.label}")
+        print(f"\n{case.label}", flush=True)
+        it = intermediates(case)
+        fns = stage_fns(case, default_chunk_config(jnp.dtype(case.dtype)))
         total = 0.0
-        for name, fn, fn_args in pallas_stages(case):
-            ms = median_ms(lambda fn=fn, a=fn_args: fn(*a), 3, args.iters, jax.block_until_ready)
+        for name in STAGES:
+            ms = time_stage(fns[name], it, args.iters)
             total += 0.0 if name == "fwd state" else ms
-            print(f"  pallas {name:<16} {ms:8.3f} ms")
+            print(f"  pallas {name:<16} {ms:8.3f} ms", flush=True)
         print(f"  pallas fwd(save)+bwd kernels {total:8.3f} ms")
+        if args.sweep:
+            sweep(case, it, args.iters)
         if fla_available():
             times = fla_kernel_times(case)
             for name, ms in sorted(times.items(), key=lambda kv: -kv[1]):

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from pallas_kernels.chunk_bwd import chunk_dstate, chunk_intra_bwd, chunk_wy_bwd
 from pallas_kernels.chunk_fwd import chunk_intra, chunk_state
 from pallas_kernels.common import check_dims, numerics_for
-from pallas_kernels.config import CHUNK, DEFAULT_CHUNK_CONFIG
+from pallas_kernels.config import CHUNK, DEFAULT_CHUNK_CONFIG, default_chunk_config
 
 
 def _numerics(q, v, g, chunk_size):
@@ -79,5 +79,7 @@ pallas_chunk_core.defvjp(_core_fwd, _core_bwd)
 
 
 def chunk_core(q, k, v, g, b, w, h0s, segments, scale, chunk_size):
-    """The op's registration point (`gdn2_jax.ops.core.pallas_chunk_core`)."""
-    return pallas_chunk_core(q, k, v, g, b, w, h0s, segments, scale, chunk_size)
+    """The op's registration point (`gdn2_jax.ops.core.pallas_chunk_core`), with the tuned
+    launch configuration for the input dtype."""
+    cfg = default_chunk_config(q.dtype)
+    return pallas_chunk_core(q, k, v, g, b, w, h0s, segments, scale, chunk_size, cfg)

@@ -7,6 +7,8 @@ passing another instance, never editing a kernel. The chunk length (64) and the 
 
 import dataclasses
 
+import jax.numpy as jnp
+
 CHUNK = 64  # tokens per chunk (the WY block)
 SUB = 16  # rows per sub-block of the safe factorization and of the blocked triangular solve
 NUM_SUB = CHUNK // SUB
@@ -48,4 +50,16 @@ class RecurrentConfig:
 
 
 DEFAULT_CHUNK_CONFIG = ChunkConfig()
+# float32 tiles are twice the bytes: the state passes' multi-stage pipelines would ask for more
+# shared memory than an H100 has (262 KB requested, 227 KB available).
+FLOAT32_CHUNK_CONFIG = dataclasses.replace(
+    DEFAULT_CHUNK_CONFIG, state=Launch(4, 1), dstate=Launch(4, 1)
+)
+
+
+def default_chunk_config(dtype) -> ChunkConfig:
+    """The tuned defaults for inputs of `dtype` (16-bit or float32)."""
+    return FLOAT32_CHUNK_CONFIG if jnp.dtype(dtype) == jnp.float32 else DEFAULT_CHUNK_CONFIG
+
+
 DEFAULT_RECURRENT_CONFIG = RecurrentConfig()
