@@ -13,6 +13,7 @@ from fla.ops.gdn2.naive import naive_recurrent_gdn2
 from op_testing import OpBackendTests
 
 from gdn2_jax.crosscheck import NAMES, Shape, make_inputs, rel_err
+from gdn2_jax.ops import gated_delta_rule2_recurrent, gated_delta_rule2_step
 from gdn2_jax.ops.core import xla_chunk_core
 from gdn2_jax.ops.layout import dense_segments
 from pallas_kernels import ChunkConfig, Launch, RecurrentConfig, pallas_chunk_core
@@ -96,3 +97,43 @@ def test_chunk_core_under_other_tiles_matches_xla_core():
         # finals and dh0s: slot 1 is the unused zero slot.
         a, b = (a[:1], b[:1]) if n in (1, 8) else (a, b)
         assert rel_err(a, b) <= 1e-5, n
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_recurrent_entry_point_runs_the_kernel_with_the_scans_gradient(packed):
+    """gated_delta_rule2_recurrent(backend="pallas"): kernel forward, scan VJP, same results."""
+    x = make_inputs(46, Shape(B=1 if packed else 2, T=19, H=2, K=16, V=32), extreme=True)
+    args = [jnp.asarray(x[n]) for n in NAMES[:6]]
+    h0 = jnp.asarray(x["initial_state"])
+    kw = dict(output_final_state=True, use_qk_l2norm=True)
+    if packed:
+        kw["cu_seqlens"] = jnp.asarray([0, 5, 5, 19], jnp.int32)
+        h0 = jnp.concatenate([h0, 0.5 * h0, -h0])
+
+    def run(backend):
+        def loss(*a):
+            o, S = gated_delta_rule2_recurrent(*a[:6], initial_state=a[6], backend=backend, **kw)
+            return jnp.sum(o * o) + jnp.sum(jnp.sin(S)), (o, S)
+
+        grads, out = jax.grad(loss, argnums=tuple(range(7)), has_aux=True)(*args, h0)
+        return (*out, *grads)
+
+    for a, b in zip(run("pallas"), run("scan"), strict=True):
+        assert rel_err(a, b) <= 1e-5
+
+
+def test_step_on_the_kernel_matches_the_reference_step():
+    x = make_inputs(47, Shape(B=2, T=1, H=2, K=32, V=16), extreme=True)
+    token = [jnp.asarray(x[n])[:, 0] for n in NAMES[:6]]
+    state = jnp.asarray(x["initial_state"])
+    o, S = gated_delta_rule2_step(*token, state, backend="pallas")
+    o_ref, S_ref = gated_delta_rule2_step(*token, state, backend="scan")
+    assert o.shape == o_ref.shape and S.shape == S_ref.shape
+    assert rel_err(o, o_ref) <= 1e-5 and rel_err(S, S_ref) <= 1e-5
+
+
+def test_recurrent_backend_names_are_checked():
+    x = make_inputs(48, Shape(B=1, T=3, H=1, K=16, V=16))
+    args = [jnp.asarray(x[n]) for n in NAMES[:6]]
+    with pytest.raises(ValueError, match="backend"):
+        gated_delta_rule2_recurrent(*args, backend="xla")

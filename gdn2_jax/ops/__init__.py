@@ -2,6 +2,7 @@
 
 from gdn2_jax.ops.api import (
     BACKENDS,
+    RECURRENT_BACKENDS,
     gated_delta_rule,
     gated_delta_rule2,
     gated_delta_rule2_recurrent,
@@ -12,6 +13,7 @@ from gdn2_jax.ops.reference import l2norm
 
 __all__ = [
     "BACKENDS",
+    "RECURRENT_BACKENDS",
     "gated_delta_rule",
     "gated_delta_rule2",
     "gated_delta_rule2_recurrent",

@@ -16,6 +16,15 @@ from gdn2_jax.ops.layout import (
 from gdn2_jax.ops.reference import l2norm, recurrent, step_update
 
 BACKENDS = ("auto", "pallas", "xla", "scan")
+RECURRENT_BACKENDS = ("auto", "pallas", "scan")
+
+
+def _resolve_recurrent(backend):
+    if backend not in RECURRENT_BACKENDS:
+        raise ValueError(f"backend must be one of {RECURRENT_BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "pallas" if core.default_backend() == "pallas" else "scan"
+    return backend
 
 
 def _prepare(q, k, v, g, b, w, scale, initial_state, cu_seqlens, use_qk_l2norm):
@@ -50,15 +59,25 @@ def gated_delta_rule2_recurrent(
     output_final_state=False,
     cu_seqlens=None,
     use_qk_l2norm=False,
+    backend="scan",
 ):
-    """Token-by-token `jax.lax.scan` reference; arguments and results as `gated_delta_rule2`."""
+    """Token-by-token recurrence; arguments and results as `gated_delta_rule2`.
+
+    backend: "scan" (the `jax.lax.scan` reference that defines the op's semantics), "pallas" (the
+    token-serial GPU kernel for decoding and short prefills; its gradient is the scan's VJP) or
+    "auto" (pallas on a GPU, scan elsewhere).
+    """
+    backend = _resolve_recurrent(backend)
     dtype = v.dtype
     q, k, g, scale, h0s, packed = _prepare(
         q, k, v, g, b, w, scale, initial_state, cu_seqlens, use_qk_l2norm
     )
-    T = q.shape[1]
-    segments = packed_segments(cu_seqlens, T) if packed else dense_segments(T)
-    o, finals = recurrent(q, k, v, g, b, w, h0s, segments, scale)
+    if backend == "pallas":
+        o, finals = core.pallas_recurrent(q, k, v, g, b, w, h0s, cu_seqlens, scale)
+    else:
+        T = q.shape[1]
+        segments = packed_segments(cu_seqlens, T) if packed else dense_segments(T)
+        o, finals = recurrent(q, k, v, g, b, w, h0s, segments, scale)
     return _finish(o, finals, dtype, packed, initial_state, cu_seqlens, output_final_state)
 
 
@@ -157,11 +176,16 @@ def gated_delta_rule2(
     return _finish(unpad(o), finals, dtype, packed, initial_state, cu_seqlens, output_final_state)
 
 
-def gated_delta_rule2_step(q_t, k_t, v_t, g_t, b_t, w_t, state, *, scale=None, use_qk_l2norm=False):
+def gated_delta_rule2_step(
+    q_t, k_t, v_t, g_t, b_t, w_t, state, *, scale=None, use_qk_l2norm=False, backend="auto"
+):
     """One decoding step: q_t, k_t, g_t, b_t [B, H, K]; v_t, w_t [B, H, V]; state [B, H, K, V].
 
+    backend: "scan" (the reference update in jnp), "pallas" (the token-serial kernel, one fused
+    launch) or "auto" (pallas on a GPU, the jnp update elsewhere).
     Returns o_t [B, H, V] in v_t's dtype and the new float32 state.
     """
+    backend = _resolve_recurrent(backend)
     check_inputs(
         q_t,
         k_t,
@@ -177,6 +201,11 @@ def gated_delta_rule2_step(q_t, k_t, v_t, g_t, b_t, w_t, state, *, scale=None, u
     if use_qk_l2norm:
         q_t, k_t = l2norm(q_t), l2norm(k_t)
     scale = q_t.shape[-1] ** -0.5 if scale is None else float(scale)
+    if backend == "pallas":
+        token = [x[:, None] for x in (q_t, k_t, v_t, g_t, b_t, w_t)]
+        h0s = jnp.stack([state.astype(jnp.float32), jnp.zeros_like(state, jnp.float32)])
+        o, finals = core.pallas_recurrent(*token, h0s, None, scale)
+        return o[:, 0].astype(v_t.dtype), finals[0]
     o_t, state = step_update(q_t, k_t, v_t, g_t, b_t, w_t, state.astype(accum_dtype(state)), scale)
     return o_t.astype(v_t.dtype), state
 
@@ -205,6 +234,7 @@ def gated_delta_rule(q, k, v, g, beta, **kwargs):
 
 __all__ = [
     "BACKENDS",
+    "RECURRENT_BACKENDS",
     "Segments",
     "gated_delta_rule",
     "gated_delta_rule2",

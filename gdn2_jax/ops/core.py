@@ -3,14 +3,20 @@
 A core takes the padded, chunk-aligned layout (see `gdn2_jax.ops.chunk`) and returns
 (o in q.dtype, finals [N+1, B, H, K, V] float32). It must be differentiable in q, k, v, g, b, w
 and h0s; chunk cores do that with a `jax.custom_vjp` whose backward recomputes per-chunk states.
+
+`pallas_recurrent` is the token-serial counterpart for decoding and short prefills: the Pallas
+kernel forward, the scan reference's VJP backward.
 """
 
 import functools
 
 import jax
+import jax.numpy as jnp
 
 from gdn2_jax.ops.chunk import chunk_forward
 from gdn2_jax.ops.chunk_bwd import chunk_backward
+from gdn2_jax.ops.layout import dense_segments, packed_segments
+from gdn2_jax.ops.reference import recurrent
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9))
@@ -44,6 +50,53 @@ def pallas_chunk_core(*args, **kwargs):
             f'backend="pallas" needs the pallas_kernels package, which is not available: {err}'
         ) from err
     return chunk_core(*args, **kwargs)
+
+
+def _recurrent_kernel():
+    try:
+        from pallas_kernels.recurrent import recurrent as kernel
+    except ImportError as err:
+        raise NotImplementedError(
+            f'backend="pallas" needs the pallas_kernels package, which is not available: {err}'
+        ) from err
+    return kernel
+
+
+def _reference_recurrent(q, k, v, g, b, w, h0s, cu_seqlens, scale):
+    T = q.shape[1]
+    segments = dense_segments(T) if cu_seqlens is None else packed_segments(cu_seqlens, T)
+    return recurrent(q, k, v, g, b, w, h0s, segments, scale)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
+def pallas_recurrent(q, k, v, g, b, w, h0s, cu_seqlens, scale):
+    """Same contract as `gdn2_jax.ops.reference.recurrent` with the segments given as cu_seqlens
+    (None: one sequence per batch row): h0s and finals [N+1, B, H, K, V], the last slot zeros."""
+    packed = cu_seqlens is not None
+    initial = h0s[:-1, 0] if packed else h0s[0]
+    o, final = _recurrent_kernel()(
+        q, k, v, g, b, w, initial, scale=scale, cu_seqlens=cu_seqlens
+    )  # fmt: skip
+    final = final[:, None] if packed else final[None]
+    return o, jnp.concatenate([final, jnp.zeros_like(final[:1])], axis=0)
+
+
+def _pallas_recurrent_fwd(q, k, v, g, b, w, h0s, cu_seqlens, scale):
+    out = pallas_recurrent(q, k, v, g, b, w, h0s, cu_seqlens, scale)
+    return out, (q, k, v, g, b, w, h0s, cu_seqlens)
+
+
+def _pallas_recurrent_bwd(scale, residuals, cotangents):
+    *primals, cu_seqlens = residuals
+    do, dfinals = cotangents
+    _, vjp = jax.vjp(
+        lambda *x: _reference_recurrent(*x, cu_seqlens, scale), *primals
+    )  # fmt: skip
+    grads = vjp((do.astype(jnp.float32), dfinals))
+    return (*(d.astype(x.dtype) for d, x in zip(grads, primals, strict=True)), None)
+
+
+pallas_recurrent.defvjp(_pallas_recurrent_fwd, _pallas_recurrent_bwd)
 
 
 def default_backend():
