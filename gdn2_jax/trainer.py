@@ -236,6 +236,18 @@ def check_vocab(cfg: Config, data_vocab: int | None) -> None:
         )
 
 
+def check_batch(cfg: Config, mesh: jax.sharding.Mesh) -> None:
+    """Each micro-batch is split evenly over the devices of the batch axes (data x fsdp)."""
+    accum, rows = cfg.optimizer.grad_accum_steps, cfg.data.batch_size
+    shards = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
+    if accum < 1 or rows % accum or (rows // accum) % shards:
+        raise ValueError(
+            f"data.batch_size={rows} must split into optimizer.grad_accum_steps={accum} "
+            f"micro-batches whose rows divide over the {shards} devices of the mesh's data and "
+            "fsdp axes"
+        )
+
+
 def train(cfg: Config, *, until: int | None = None) -> dict[str, Any]:
     """Trains `cfg` to `train.steps`, resuming from the workdir's latest checkpoint if any.
 
@@ -246,6 +258,7 @@ def train(cfg: Config, *, until: int | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     workdir = Path(cfg.train.workdir)
     mesh = sharding.make_mesh(cfg.mesh)
+    check_batch(cfg, mesh)
     proc = {"process_index": jax.process_index(), "process_count": jax.process_count()}
     is_main = jax.process_index() == 0
     check_vocab(cfg, data_lib.make_sources(cfg.data).vocab_size)

@@ -1,6 +1,7 @@
 """Checkpoints: exact resume, atomic saves, keep-N, and refusing an incompatible config."""
 
 import json
+import math
 import os
 import signal
 import sys
@@ -43,12 +44,13 @@ def test_resume_reproduces_uninterrupted_losses(tmp_path):
 
 
 def test_incompatible_config_is_refused(tmp_path):
-    trainer.train(tiny_config(tmp_path, "train.steps=1"))
+    trainer.train(tiny_config(tmp_path), until=1)
+    wider = "model.hidden_size=64"
     with pytest.raises(IncompatibleCheckpointError, match=r"model\.hidden_size: 32 != 64"):
-        trainer.train(tiny_config(tmp_path, "train.steps=2", "model.hidden_size=64"))
-    # Starting over is allowed when asked for.
-    fresh = tiny_config(tmp_path / "other", "train.steps=1", "model.hidden_size=64")
-    assert trainer.train(fresh)["step"] == 1
+        trainer.train(tiny_config(tmp_path, wider))
+    # Starting over in the same workdir is allowed when asked for.
+    fresh = trainer.train(tiny_config(tmp_path, wider, "checkpoint.resume=false"), until=0)
+    assert fresh["step"] == 0 and math.isfinite(fresh["eval"]["loss"])
 
 
 def _save(ckpt, step, value, iterator):

@@ -3,6 +3,7 @@ number of CPU devices when it starts: 8 virtual devices for the sharded-vs-singl
 and two processes joined by jax.distributed for the multi-host run."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -104,9 +105,12 @@ def test_sharded_step_equals_single_device():
 
 def test_two_processes_with_jax_distributed(tmp_path):
     """Two local processes of 2 CPU devices each form one 4-device job through
-    jax.distributed; both must finish and write one shared checkpoint."""
+    jax.distributed; both must finish and write one shared checkpoint. The job computes in
+    bfloat16 (over float32 parameters), as a GPU job would."""
     port = free_port()
-    common = tiny_overrides(tmp_path, "train.steps=3", "checkpoint.every_steps=2")
+    common = tiny_overrides(
+        tmp_path, "train.steps=3", "checkpoint.every_steps=2", "model.dtype=bfloat16"
+    )
     common += [
         "train.distributed=true",
         f"train.coordinator_address=localhost:{port}",
@@ -132,7 +136,10 @@ def test_two_processes_with_jax_distributed(tmp_path):
     outputs = [p.communicate(timeout=600) for p in procs]
     for p, (_, err) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, err[-3000:]
-    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    # Loss starts near ln(32) (uniform over the vocabulary) and stays finite in bfloat16.
+    assert all(math.isfinite(r["loss"]) and 2.0 < r["loss"] < 5.0 for r in rows)
     final = tmp_path / "checkpoints" / "3" / "data"
     assert sorted(f.name for f in final.glob("*.json")) == [
         "process_0-of-2.json",

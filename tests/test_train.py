@@ -1,11 +1,14 @@
 """The train step and loop: a golden one-step check, gradient accumulation, the weight-decay
-mask, logging outputs, the NaN stop, and the command line."""
+mask, bfloat16 compute over float32 parameters, the NaN/Inf stop, and the command line with its
+logging and evals."""
 
 import dataclasses
-import functools
+import json
 import math
+import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -13,7 +16,6 @@ from train_testing import DEFAULT_CONFIG, read_metrics, run_python, tiny_config,
 
 from gdn2_jax import data, metrics, optim, sharding, trainer
 from gdn2_jax.config import MeshConfig
-from gdn2_jax.train_step import train_step
 
 # Produced by running `_golden_run()` below on CPU (JAX 0.11.2, float32) at the commit that
 # added this test, and pasting its output. A change to the recall generator, model init,
@@ -58,16 +60,18 @@ def test_golden_one_step(tmp_path):
 
 
 def test_grad_accumulation_matches_full_batch(tmp_path):
+    """Two micro-batches of 4 rows give the full 8-row step: same loss, gradient and update."""
     cfg = tiny_config(tmp_path)
-    mesh, run, state = _single_device_run(cfg)
-    batch = sharding.host_local_to_global(data.eval_batches(cfg.data, 1)[0], mesh)
-    optimizer, schedule = optim.make_optimizer(cfg.optimizer, cfg.train.steps)
-    step = functools.partial(
-        train_step, graphdef=run.graphdef, optimizer=optimizer, schedule=schedule
-    )
-    with jax.set_mesh(mesh):
-        full_state, full = jax.jit(step)(state, batch)
-        acc_state, acc = jax.jit(functools.partial(step, accum_steps=4))(state, batch)
+    batch = data.eval_batches(cfg.data, 1)[0]
+    results = []
+    for accum in (1, 2):
+        acc_cfg = dataclasses.replace(
+            cfg, optimizer=dataclasses.replace(cfg.optimizer, grad_accum_steps=accum)
+        )
+        mesh, run, state = _single_device_run(acc_cfg)
+        with jax.set_mesh(mesh):
+            results.append(run.step_fn(state, sharding.host_local_to_global(batch, mesh)))
+    (full_state, full), (acc_state, acc) = results
     for key in ("loss", "grad_norm", "accuracy", "tokens"):
         np.testing.assert_allclose(acc[key], full[key], rtol=1e-5)
     jax.tree.map(
@@ -78,14 +82,46 @@ def test_grad_accumulation_matches_full_batch(tmp_path):
 
 
 def test_weight_decay_mask(tmp_path):
+    """With zero gradients AdamW's update is the decay alone: matrices shrink, while A_log,
+    dt_bias, norm scales and biases do not move."""
     _, abstract_params = trainer.abstract_model(tiny_config(tmp_path))
-    mask = optim.decay_mask(nnx.to_pure_dict(abstract_params))
-    flat = jax.tree_util.tree_flatten_with_path(mask)[0]
-    decayed = {jax.tree_util.keystr(p) for p, on in flat if on}
-    assert "['blocks'][0]['mixer']['q_proj']['kernel']" in decayed
-    assert "['wte']" in decayed
-    for name in ("A_log", "dt_bias", "bias", "norm", "ln_f"):
-        assert not any(name in p for p in decayed), name
+    params = jax.tree.map(lambda x: jnp.ones(x.shape, x.dtype), nnx.to_pure_dict(abstract_params))
+    cfg = optim.OptimizerConfig(lr=1.0, warmup_steps=0, weight_decay=0.5, clip_norm=1.0)
+    optimizer, _ = optim.make_optimizer(cfg, total_steps=10)
+
+    @jax.jit
+    def first_update(params):
+        grads = jax.tree.map(jnp.zeros_like, params)
+        return optimizer.update(grads, optimizer.init(params), params)[0]
+
+    flat = jax.tree_util.tree_flatten_with_path(first_update(params))[0]
+    moved = {jax.tree_util.keystr(p) for p, u in flat if np.any(np.asarray(u) != 0)}
+    static = {jax.tree_util.keystr(p) for p, u in flat} - moved
+    assert "['blocks'][0]['mixer']['q_proj']['kernel']" in moved
+    assert "['blocks'][0]['mlp']['w1']['kernel']" in moved
+    assert "['wte']" in moved and "['lm_head']" in moved
+    for name in ("A_log", "dt_bias", "o_norm", "norm_1", "norm_2", "ln_f", "bias"):
+        assert any(name in p for p in static), name
+    assert not [p for p in moved if any(n in p for n in ("A_log", "dt_bias", "norm", "bias"))]
+
+
+def test_bfloat16_compute_keeps_float32_master_params(tmp_path):
+    cfg = tiny_config(tmp_path, "model.dtype=bfloat16")
+    mesh = sharding.make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
+    with jax.set_mesh(mesh):
+        run = trainer.build(cfg, mesh)
+    dtypes = {x.dtype for x in jax.tree.leaves(run.abstract_state.params)}
+    assert dtypes == {jnp.dtype(jnp.float32)}
+    opt_dtypes = {x.dtype for x in jax.tree.leaves(run.abstract_state.opt_state)}
+    assert opt_dtypes <= {jnp.dtype(jnp.float32), jnp.dtype(jnp.int32)}
+    tokens = data.eval_batches(cfg.data, 1)[0]["inputs"]
+
+    def forward(params, tokens):
+        model = nnx.merge(run.graphdef, params)
+        return model.embed(tokens), model(tokens)
+
+    hidden, logits = jax.eval_shape(forward, run.abstract_state.params, tokens)
+    assert hidden.dtype == jnp.bfloat16 and logits.dtype == jnp.float32
 
 
 def test_schedule_warms_up_then_decays():
@@ -118,41 +154,42 @@ def test_flops_per_token_counts_matmuls_and_mixers(tmp_path):
     assert metrics.peak_flops("cpu") is None
 
 
-def test_train_writes_jsonl_tensorboard_and_evals(tmp_path):
-    cfg = tiny_config(
-        tmp_path,
-        "train.steps=4",
-        "eval.every_steps=2",
-        "logging.tensorboard=true",
-        "logging.progress_bar=true",
-    )
-    summary = trainer.train(cfg)
-    assert summary["step"] == 4
-    assert set(summary["eval"]) == {"loss", "perplexity", "recall_accuracy"}
-    train_rows, eval_rows = read_metrics(tmp_path), read_metrics(tmp_path, "eval")
-    assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
-    assert [r["step"] for r in eval_rows] == [2, 4]
-    assert {"loss", "grad_norm", "lr", "tokens_per_s"} <= set(train_rows[-1])
-    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
-    assert (tmp_path / "checkpoints" / "4").is_dir()
+def _diverge_at(monkeypatch, bad_step: int, metric: str, value: float) -> None:
+    """Makes every step from `bad_step` on report `metric` as `value` (NaN or Inf), with the
+    train state poisoned too, as a real divergence would leave it. Wrapping the built step keeps
+    the compiled programs the other tests use."""
+    real_build = trainer.build
+
+    def build(cfg, mesh):
+        run = real_build(cfg, mesh)
+        step_fn = run.step_fn
+
+        def diverging(state, batch):
+            state, metrics = step_fn(state, batch)
+            if int(state.step) >= bad_step:
+                metrics = dict(metrics, **{metric: jnp.float32(value)})
+                state = state.replace(params=jax.tree.map(lambda x: x * value, state.params))
+            return state, metrics
+
+        return dataclasses.replace(run, step_fn=diverging)
+
+    monkeypatch.setattr(trainer, "build", build)
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-    # With warm-up off and no clipping, Adam moves every weight by ~1e20 in the first update;
-    # the second forward pass overflows float32.
-    cfg = tiny_config(
-        tmp_path,
-        "train.steps=5",
-        "optimizer.lr=1e20",
-        "optimizer.warmup_steps=0",
-        "optimizer.clip_norm=0",
-        "checkpoint.every_steps=1",
-    )
-    with pytest.raises(
-        trainer.TrainingDivergedError, match=r"diverged at step 2.*checkpoint is step 1"
-    ):
+@pytest.mark.parametrize("metric,value", [("loss", math.nan), ("grad_norm", math.inf)])
+def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, metric, value):
+    _diverge_at(monkeypatch, 3, metric, value)
+    cfg = tiny_config(tmp_path, "checkpoint.every_steps=2")
+    expected = re.escape(f"diverged at step 3: {{'{metric}'") + ".*checkpoint is step 2 in"
+    with pytest.raises(trainer.TrainingDivergedError, match=expected):
         trainer.train(cfg)
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1"]
+    ckpt_dir = tmp_path / "checkpoints"
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["2"]
+    # The kept checkpoint is usable: a run without the fault resumes from it and finishes.
+    monkeypatch.undo()
+    summary = trainer.train(cfg)
+    assert summary["step"] == 8 and math.isfinite(summary["train"]["loss"])
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4, 5, 6, 7, 8]
 
 
 def test_vocab_mismatch_is_refused(tmp_path):
@@ -161,16 +198,39 @@ def test_vocab_mismatch_is_refused(tmp_path):
         trainer.train(cfg)
 
 
-def test_command_line(tmp_path):
+def test_batch_that_does_not_split_is_refused(tmp_path):
+    cfg = tiny_config(tmp_path, "optimizer.grad_accum_steps=3")
+    with pytest.raises(ValueError, match=r"batch_size=8 must split into .*=3 micro-batches"):
+        trainer.train(cfg)
+
+
+def test_command_line_trains_logs_and_evaluates(tmp_path):
+    """train.py end to end: JSONL and TensorBoard metrics, tokens/s and MFU, periodic evals with
+    recall accuracy, the final checkpoint and the JSON summary."""
+    overrides = tiny_overrides(
+        tmp_path,
+        "eval.every_steps=4",
+        "logging.tensorboard=true",
+        "logging.progress_bar=true",
+        "logging.peak_flops_per_device=1e12",
+        "checkpoint.every_steps=4",
+    )
     ok = run_python(
-        [
-            "train.py",
-            "--config",
-            str(DEFAULT_CONFIG),
-            *[f"--set={o}" for o in tiny_overrides(tmp_path, "train.steps=2")],
-        ]
+        ["train.py", "--config", str(DEFAULT_CONFIG), *[f"--set={o}" for o in overrides]]
     )
     assert ok.returncode == 0, ok.stderr
-    assert '"step": 2' in ok.stdout
+    summary = json.loads(ok.stdout[ok.stdout.index("{") :])
+    assert summary["step"] == 8
+    assert set(summary["eval"]) == {"loss", "perplexity", "recall_accuracy"}
+    train_rows, eval_rows = read_metrics(tmp_path), read_metrics(tmp_path, "eval")
+    assert [r["step"] for r in train_rows] == list(range(1, 9))
+    assert [r["step"] for r in eval_rows] == [4, 8]
+    assert eval_rows[-1]["loss"] == summary["eval"]["loss"]
+    # The first step's row has no throughput (it includes compilation); the others do.
+    assert {"loss", "grad_norm", "lr", "tokens_per_s", "mfu"} <= set(train_rows[-1])
+    assert 0 < train_rows[-1]["mfu"] < 1
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["4", "8"]
+    assert "step 4: eval loss=" in ok.stdout and "tok/s=" in ok.stderr  # the progress bar
     bad = run_python(["train.py", "--config", str(DEFAULT_CONFIG), "--set", "optimizer.lr=x"])
     assert bad.returncode == 2 and "optimizer.lr: expected float" in bad.stderr

@@ -3,17 +3,35 @@ reading, and running scripts in fresh processes (needed to give JAX several CPU 
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+
+import jax
 
 from gdn2_jax.config import Config, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "configs" / "recall_tiny.py"
+
+# XLA:CPU compiles even these tiny train steps slowly (~15 s on 2 cores), and most training tests
+# compile the same programs: share them through JAX's persistent compilation cache, in a directory
+# private to this test session (child processes get it through the environment). Test modules
+# are imported before any test runs, so this takes effect before the first compilation.
+COMPILATION_CACHE = tempfile.mkdtemp(prefix="gdn2-jax-test-xla-cache-")
+atexit.register(shutil.rmtree, COMPILATION_CACHE, ignore_errors=True)
+CACHE_ENV = {
+    "JAX_COMPILATION_CACHE_DIR": COMPILATION_CACHE,
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5",
+}
+jax.config.update("jax_compilation_cache_dir", COMPILATION_CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 # The default config shrunk so that a step compiles in seconds and runs in milliseconds.
 TINY = (
@@ -35,6 +53,9 @@ TINY = (
     "eval.every_steps=0",
     "eval.num_batches=1",
     "checkpoint.every_steps=0",
+    # One step count for every test, so that their train steps (whose learning-rate schedule
+    # depends on it) are one program; shorter runs stop early with `trainer.train(until=...)`.
+    "train.steps=8",
 )
 
 
@@ -61,6 +82,7 @@ def python_env(num_cpu_devices: int = 1) -> dict[str, str]:
     """The environment for a child Python with `num_cpu_devices` virtual CPU devices."""
     env = dict(os.environ)
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_cpu_devices}"
+    env |= CACHE_ENV
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     return env
 

@@ -1,0 +1,57 @@
+"""The paper's 1.3B recurrent GDN-2 on pre-tokenized files, sized for H100 nodes.
+
+    python train.py --config configs/gdn2_1.3b.py \
+        --set data.paths=/data/train.bin --set data.eval_paths=/data/val.bin
+
+The global batch is 128 x 4096 tokens (0.5M, the paper's recipe) on any number of GPUs: every
+device holds a slice of the parameters and optimizer state (fsdp over all devices), and each
+optimizer step accumulates 4 micro-batches of 32 sequences (so up to 32 devices; beyond that,
+lower optimizer.grad_accum_steps). On several hosts, run the same command on each with
+`--set train.distributed=true` (SLURM and similar clusters are detected; otherwise also set
+train.coordinator_address, train.num_processes and train.process_id).
+"""
+
+from gdn2_jax.config import (
+    CheckpointConfig,
+    Config,
+    DataConfig,
+    EvalConfig,
+    LoggingConfig,
+    MeshConfig,
+    OptimizerConfig,
+    TrainConfig,
+)
+from gdn2_jax.model import ModelConfig
+
+TOKENS_PER_STEP = 128 * 4096
+
+
+def get_config() -> Config:
+    return Config(
+        # bfloat16 compute over float32 master parameters; blocks recomputed in the backward.
+        model=ModelConfig.preset("gdn2-1.3b", dtype="bfloat16", remat=True),
+        # Llama-2 tokenizer (vocabulary 32000, end-of-document id 2), tokens stored as uint16.
+        data=DataConfig(
+            kind="tokens",
+            seq_len=4096,
+            batch_size=128,
+            token_dtype="uint16",
+            eos_id=2,
+            num_workers=4,
+        ),
+        # AdamW lr 4e-4, weight decay 0.1, clip 1.0, cosine after a 1B-token warm-up.
+        optimizer=OptimizerConfig(
+            lr=4e-4,
+            warmup_steps=1_000_000_000 // TOKENS_PER_STEP,
+            final_lr_ratio=0.1,
+            weight_decay=0.1,
+            clip_norm=1.0,
+            grad_accum_steps=4,
+        ),
+        mesh=MeshConfig(data=1, fsdp=-1, tensor=1),
+        checkpoint=CheckpointConfig(every_steps=1000, keep=3),
+        logging=LoggingConfig(every_steps=10),
+        eval=EvalConfig(every_steps=1000, num_batches=16),
+        # 100B tokens.
+        train=TrainConfig(steps=100_000_000_000 // TOKENS_PER_STEP, workdir="runs/gdn2_1.3b"),
+    )
