@@ -156,3 +156,16 @@ def test_chunk_backward_keeps_no_per_token_states():
     wide = _grad_temp_bytes(Shape(B=1, T=1024, H=1, K=64, V=256))
     per_token_growth = 1024 * 64 * 128 * 4
     assert wide - narrow < per_token_growth / 4, f"{(wide - narrow) / 2**20:.1f} MiB"
+
+
+@pytest.mark.parametrize("T", [40, 64])
+def test_single_chunk_forward_is_right_in_every_fresh_compile(T):
+    """A one-chunk input without initial state, jitted: jaxlib 0.11.2's CPU compiler once turned
+    the matmul against the constant zero state into garbage in about half of fresh compiles."""
+    x = make_inputs(9, Shape(B=2, T=T, H=2, K=32, V=32), with_h0=False)
+    args = [jnp.asarray(x[n]) for n in NAMES[:6]]
+    o_ref = gated_delta_rule2(*args, use_qk_l2norm=True, backend="scan")[0]
+    for _ in range(6):
+        jax.clear_caches()
+        fwd = jax.jit(lambda *a: gated_delta_rule2(*a, use_qk_l2norm=True, backend="xla")[0])
+        assert rel_err(fwd(*args), o_ref) <= 1e-4
