@@ -100,7 +100,9 @@ def _axes_that_divide(mesh, axes: tuple[str, ...], size: int) -> tuple[str, ...]
     return axes
 
 
-def gated_delta_rule2(q, k, v, g, b, w, *, initial_state=None, cu_seqlens=None, **kwargs):
+def gated_delta_rule2(
+    q, k, v, g, b, w, *, initial_state=None, cu_seqlens=None, recurrent=False, **kwargs
+):
     """`gdn2_jax.ops.gated_delta_rule2` that runs per shard under the active mesh.
 
     The op's Pallas kernels have no partitioning rule, so under a mesh XLA would gather whole

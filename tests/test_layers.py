@@ -17,7 +17,7 @@ from flax import nnx
 
 from gdn2_jax.convert import layer_state_dict, load_layer_state_dict, to_torch
 from gdn2_jax.layers import GATE_MODES, GatedDeltaRule2
-from gdn2_jax.layers.gdn2 import RECURRENT_BACKEND, SHORT_INPUT_LEN
+from gdn2_jax.layers.gdn2 import SHORT_INPUT_LEN
 
 torch = pytest.importorskip("torch")
 fla_gdn2 = pytest.importorskip("fla.layers.gdn2")
@@ -198,13 +198,16 @@ def test_recurrent_mode_equals_chunk_mode():
 
 def test_short_inference_inputs_use_the_recurrent_kernel():
     layer = _layer()
-    assert layer._op_backend(SHORT_INPUT_LEN) == "auto"  # training: always the chunk kernel
+    serial = {"recurrent": True, "backend": "auto"}  # the Pallas decoding kernel on a GPU
+    chunk = {"backend": "auto", "chunk_size": 64}
+    assert layer._op_kwargs(SHORT_INPUT_LEN) == chunk  # training: always the chunk kernel
     layer.eval()
-    assert layer._op_backend(SHORT_INPUT_LEN) == RECURRENT_BACKEND
-    assert layer._op_backend(SHORT_INPUT_LEN + 1) == "auto"
+    assert layer._op_kwargs(SHORT_INPUT_LEN) == serial
+    assert layer._op_kwargs(SHORT_INPUT_LEN + 1) == chunk
     layer.train()
-    assert layer._op_backend(1) == "auto"
-    assert _layer(mode="recurrent")._op_backend(10_000) == RECURRENT_BACKEND
+    assert layer._op_kwargs(1) == chunk
+    assert _layer(mode="recurrent")._op_kwargs(10_000) == serial
+    assert _layer(backend="xla", mode="recurrent")._op_kwargs(1)["backend"] == "scan"
 
 
 def test_decay_init_matches_the_reference():

@@ -22,7 +22,8 @@ MODES = ("chunk", "recurrent")
 BACKENDS = ("auto", "pallas", "xla", "scan")
 # Inference inputs this short run token-serially, as fla's layer does: no chunk padding to pay.
 SHORT_INPUT_LEN = 64
-RECURRENT_BACKEND = "scan"
+# The token-serial op's backend for each layer backend ("auto": the Pallas kernel on a GPU).
+RECURRENT_BACKEND = {"auto": "auto", "pallas": "pallas", "xla": "scan", "scan": "scan"}
 # Log-decay written at the first token of each packed document: exp(−80) ≈ 2e−35 wipes the state
 # to far below float32 resolution, and the op is exact for any g ≤ 0 (DESIGN.md §1), so one
 # kernel call serves any batch of packed rows without a per-row segment count.
@@ -210,9 +211,11 @@ class GatedDeltaRule2(nnx.Module):
         o = self.o_norm(o, self._split(self.g_proj(x), self.head_v_dim))
         return self.o_proj(o.reshape(*o.shape[:-2], self.value_dim))
 
-    def _op_backend(self, T: int) -> str:
-        short = self.deterministic and T <= SHORT_INPUT_LEN
-        return RECURRENT_BACKEND if self.mode == "recurrent" or short else self.backend
+    def _op_kwargs(self, T: int) -> dict:
+        """Token-serial for mode="recurrent" and short inference inputs, else the chunk path."""
+        if self.mode == "recurrent" or (self.deterministic and T <= SHORT_INPUT_LEN):
+            return {"recurrent": True, "backend": RECURRENT_BACKEND[self.backend]}
+        return {"backend": self.backend, "chunk_size": self.chunk_size}
 
     def init_cache(self, batch_size: int, dtype=None) -> GDN2Cache:
         """An empty cache: zero conv history and zero state."""
@@ -249,8 +252,7 @@ class GatedDeltaRule2(nnx.Module):
             initial_state=None if cache is None else cache.S,
             output_final_state=cache is not None,
             use_qk_l2norm=True,
-            backend=self._op_backend(x.shape[1]),
-            chunk_size=self.chunk_size,
+            **self._op_kwargs(x.shape[1]),
         )  # fmt: skip
         new_cache = None if cache is None else GDN2Cache(cq, ck, cv, S)
         return self._output(o, x), new_cache
@@ -262,5 +264,7 @@ class GatedDeltaRule2(nnx.Module):
         v, cv = self.v_conv1d.step(self.v_proj(x_t), cache.conv_v)
         q, k, v = self._qkv(q, k, v)
         g, b, w = self.gates(x_t)
-        o, S = gated_delta_rule2_step(q, k, v, g, b, w, cache.S, use_qk_l2norm=True)
+        o, S = gated_delta_rule2_step(
+            q, k, v, g, b, w, cache.S, use_qk_l2norm=True, backend=RECURRENT_BACKEND[self.backend]
+        )
         return self._output(o, x_t), GDN2Cache(cq, ck, cv, S)
