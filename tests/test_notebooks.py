@@ -55,6 +55,9 @@ def kernel_env(tmp_path_factory, request):
     patch = pytest.MonkeyPatch()
     patch.setenv("JUPYTER_PATH", os.pathsep.join([str(root), os.environ.get("JUPYTER_PATH", "")]))
     patch.setenv("MPLBACKEND", "Agg")
+    # Connection files and IPython's profile go to the temporary folder, not the home directory.
+    patch.setenv("JUPYTER_RUNTIME_DIR", str(root / "runtime"))
+    patch.setenv("IPYTHONDIR", str(root / "ipython"))
     request.addfinalizer(patch.undo)
     return KERNEL_NAME
 
