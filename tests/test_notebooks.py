@@ -27,7 +27,14 @@ CASES = {
     "01_gated_delta_rule_2.ipynb": ({}, 180),
     "02_numerics_vs_pytorch.ipynb": ({}, 240),
     "03_memory_editing.ipynb": (
-        {"STEPS": 60, "EVAL_EVERY": 20, "SEQ_LEN": 32, "NUM_PAIRS": 4},
+        {
+            "STEPS": 60,
+            "EVAL_EVERY": 20,
+            "SEQ_LEN": 32,
+            "NUM_PAIRS": 4,
+            "VOCAB_SIZE": 64,
+            "LR": 1e-2,
+        },
         420,
     ),
     # On a GPU this notebook runs the benchmark itself: one short shape there.
