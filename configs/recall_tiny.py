@@ -4,7 +4,7 @@
 
 Each 64-token sequence lists 8 key-value pairs, then asks for all 8 keys again in random order
 (vocabulary 128: 63 keys, 63 values); only the answers carry loss, so eval recall accuracy is the
-fraction of values recalled (chance: 1/63). About 3 minutes on 2 CPU cores (README "Training").
+fraction of values recalled (chance: 1/63). About 4 minutes on 2 CPU cores (README "Training").
 """
 
 from gdn2_jax.config import (
@@ -26,7 +26,7 @@ def get_config() -> Config:
         "tiny",
         vocab_size=recall.vocab_size,
         max_seq_len=64,
-        # On a CPU the token-serial reference trains this size about 3x faster than the
+        # On a CPU the token-serial reference trains this size about 4x faster than the
         # chunkwise XLA path (same math; "auto" picks the chunkwise path).
         gdn2_backend="scan",
     )
