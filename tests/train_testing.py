@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 import jax
+from jax.experimental.compilation_cache import compilation_cache
 
 from gdn2_jax.config import Config, load_config
 
@@ -22,8 +23,8 @@ DEFAULT_CONFIG = ROOT / "configs" / "recall_tiny.py"
 
 # XLA:CPU compiles even these tiny train steps slowly (~15 s on 2 cores), and most training tests
 # compile the same programs: share them through JAX's persistent compilation cache, in a directory
-# private to this test session (child processes get it through the environment). Test modules
-# are imported before any test runs, so this takes effect before the first compilation.
+# private to this test session (child processes get it through the environment). The reset makes
+# it take effect even if something was compiled before this module was imported.
 COMPILATION_CACHE = tempfile.mkdtemp(prefix="gdn2-jax-test-xla-cache-")
 atexit.register(shutil.rmtree, COMPILATION_CACHE, ignore_errors=True)
 CACHE_ENV = {
@@ -32,6 +33,7 @@ CACHE_ENV = {
 }
 jax.config.update("jax_compilation_cache_dir", COMPILATION_CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+compilation_cache.reset_cache()
 
 # The default config shrunk so that a step compiles in seconds and runs in milliseconds.
 TINY = (
