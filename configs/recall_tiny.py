@@ -26,8 +26,9 @@ def get_config() -> Config:
         "tiny",
         vocab_size=recall.vocab_size,
         max_seq_len=64,
-        # On a CPU the token-serial reference trains this size about 4x faster than the
-        # chunkwise XLA path (same math; "auto" picks the chunkwise path).
+        # On a CPU the token-serial reference trains this size several times faster than the
+        # chunkwise XLA path (0.23 vs 1.6 s a step on 2 cores); same math, and "auto" would
+        # pick the chunkwise path.
         gdn2_backend="scan",
     )
     return Config(
