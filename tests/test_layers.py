@@ -249,12 +249,14 @@ def _is_constant(x, axis=-1):
 @pytest.mark.parametrize("gate_mode", GATE_MODES)
 def test_gate_structure(gate_mode):
     x = _x(T=9)
-    layer = _layer(gate_mode=gate_mode, num_v_heads=4, allow_neg_eigval=gate_mode == "kda")
-    _, b, w = _gates(layer, x)
+    tied = gate_mode in ("kda", "gdn")
+    layer = _layer(gate_mode=gate_mode, num_v_heads=4, allow_neg_eigval=tied)
+    g, b, w = _gates(layer, x)
     assert b.shape == (1, 9, 4, 16) and w.shape == (1, 9, 4, 16)
-    assert _is_constant(b) == (gate_mode in ("kda", "w_only"))
-    assert _is_constant(w) == (gate_mode in ("kda", "b_only"))
-    if gate_mode == "kda":  # β = 2σ(b_proj x) per value head, both gates
+    assert _is_constant(b) == (gate_mode in ("kda", "w_only", "gdn"))
+    assert _is_constant(w) == (gate_mode in ("kda", "b_only", "gdn"))
+    assert _is_constant(g) == (gate_mode == "gdn")
+    if tied:  # β = 2σ(b_proj x) per value head, both gates
         beta = 2.0 * jax.nn.sigmoid(layer.b_proj(x))
         np.testing.assert_array_equal(b, w)
         np.testing.assert_allclose(b[..., 0], beta, rtol=1e-6)
@@ -292,6 +294,19 @@ def test_scalarized_mode_is_gdn2_when_the_gate_is_already_scalar(gate_mode):
         kernel = getattr(layer, proj).kernel
         kernel[...] = _tie_columns(kernel[...], 16)
     assert rel_err(scalar(x), gdn2(x)) < 1e-6
+
+
+def test_gdn_mode_is_kda_with_one_decay_per_head():
+    """gdn averages kda's log-decay over the key channels: with f_proj's output columns tied per
+    head (every channel's decay already equal) the two modes agree; untied, they differ."""
+    x = _x(B=2, T=70)
+    gdn, kda = _layer(seed=7, gate_mode="gdn"), _layer(seed=7, gate_mode="kda")
+    assert rel_err(gdn(x), kda(x)) > 1e-3
+    for layer in (gdn, kda):
+        up = layer.f_proj.layers[1]
+        up.kernel[...] = _tie_columns(up.kernel[...], 16)
+        layer.dt_bias[...] = _tie_columns(layer.dt_bias[...][None], 16)[0]
+    assert rel_err(gdn(x), kda(x)) < 1e-6
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,7 +17,9 @@ from gdn2_jax.layers.init import GDN2_LINEAR_INIT, dense, partitioned
 from gdn2_jax.layers.norm import OUTPUT_GATES, GatedRMSNorm
 from gdn2_jax.ops import gated_delta_rule2_step
 
-GATE_MODES = ("gdn2", "kda", "b_only", "w_only")
+GATE_MODES = ("gdn2", "kda", "b_only", "w_only", "gdn")
+# Modes whose erase and write gates are one tied β per value head.
+TIED_MODES = ("kda", "gdn")
 MODES = ("chunk", "recurrent")
 BACKENDS = ("auto", "pallas", "xla", "scan")
 # Inference inputs this short run token-serially, as fla's layer does: no chunk padding to pay.
@@ -92,9 +94,11 @@ class GatedDeltaRule2(nnx.Module):
     `gate_mode` selects the paper's Table 5 variants: "gdn2" (channel-wise b and w), "b_only"
     (w averaged over its channels), "w_only" (b averaged), "kda" (b = w = β, one scalar per value
     head from a b_proj of width num_v_heads, as fla's KDA layer; there `allow_neg_eigval` doubles β,
-    which is both gates). With `num_v_heads > num_heads` the key-side q, k, g, b are repeated over
-    each group of value heads. After `.eval()` (deterministic) inputs of at most 64 tokens use the
-    recurrent backend; `mode="recurrent"` always does.
+    which is both gates), "gdn" (Gated DeltaNet: kda's β and one log-decay per head, the channel
+    mean of the decay branch, so its parameters are kda's). With `num_v_heads > num_heads` the
+    key-side q, k, g, b are repeated over each group of value heads. After `.eval()`
+    (deterministic) inputs of at most 64 tokens use the recurrent backend; `mode="recurrent"`
+    always does.
     """
 
     def __init__(
@@ -143,7 +147,7 @@ class GatedDeltaRule2(nnx.Module):
         self.f_proj = nnx.Sequential(
             dense(D, Vh, ("embed", None), **kw), dense(Vh, Kd, (None, "heads"), **kw)
         )
-        if self.gate_mode == "kda":
+        if self.gate_mode in TIED_MODES:
             self.b_proj = dense(D, self.num_v_heads, ("embed", None), **kw)
             self.w_proj = None
         else:
@@ -180,6 +184,8 @@ class GatedDeltaRule2(nnx.Module):
         f = self.f_proj(x).astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32)
         A = jnp.exp(self.A_log[...].astype(jnp.float32))
         g = jnp.einsum("h,...hk->...hk", -A, jax.nn.softplus(self._split(f, self.head_dim)))
+        if self.gate_mode == "gdn":
+            g = jnp.broadcast_to(jnp.mean(g, axis=-1, keepdims=True), g.shape)
         b, w = self._erase_write(x)
         return self._repeat_kv_groups(g), b, w
 
@@ -187,7 +193,7 @@ class GatedDeltaRule2(nnx.Module):
         dtype = self.dtype or x.dtype
         K, V = self.head_dim, self.head_v_dim
         scale = 2.0 if self.allow_neg_eigval else 1.0
-        if self.gate_mode == "kda":
+        if self.gate_mode in TIED_MODES:
             beta = scale * jax.nn.sigmoid(self.b_proj(x).astype(jnp.float32))[..., None]
             lead = beta.shape[:-1]
             b, w = jnp.broadcast_to(beta, (*lead, K)), jnp.broadcast_to(beta, (*lead, V))
