@@ -124,6 +124,31 @@ def test_bfloat16_compute_keeps_float32_master_params(tmp_path):
     assert hidden.dtype == jnp.bfloat16 and logits.dtype == jnp.float32
 
 
+def test_packed_documents_reset_the_model(tmp_path):
+    """Token files are packed into windows whose segment ids reach the model: a document that
+    starts mid-window gets the same logits as when it starts a row of its own."""
+    cfg = tiny_config(tmp_path)
+    rng = np.random.default_rng(0)
+    eos, T, start = 0, cfg.data.seq_len, 11
+    stream = rng.integers(1, cfg.model.vocab_size, size=2 * T + 1)
+    stream[start - 1] = eos  # document 2 starts at `start`
+    packed_row = data.pack_window(stream[: T + 1], eos)
+    alone_row = data.pack_window(stream[start : start + T + 1], eos)
+    batch = {k: np.stack([packed_row[k], alone_row[k]]) for k in ("inputs", "segment_ids")}
+    assert batch["segment_ids"][0, start] == batch["segment_ids"][0, start - 1] + 1
+    _, run, state = _single_device_run(cfg)
+
+    @jax.jit
+    def logits(params, inputs, segment_ids):
+        return nnx.merge(run.graphdef, params)(inputs, segment_ids=segment_ids)
+
+    out = np.asarray(logits(state.params, batch["inputs"], batch["segment_ids"]))
+    np.testing.assert_allclose(out[0, start:], out[1, : T - start], rtol=1e-4, atol=1e-5)
+    # Without the segment ids, document 1 leaks into document 2.
+    leaky = np.asarray(logits(state.params, batch["inputs"], None))
+    assert np.abs(leaky[0, start:] - out[1, : T - start]).max() > 1e-3
+
+
 def test_schedule_warms_up_then_decays():
     cfg = dataclasses.replace(optim.OptimizerConfig(), lr=1.0, warmup_steps=10, final_lr_ratio=0.1)
     schedule = optim.make_schedule(cfg, total_steps=100)
