@@ -1,8 +1,9 @@
 """GatedDeltaRule2 against fla's real GatedDeltaNet2 (Triton kernels) on a CUDA GPU.
 
-`python -m pytest -m gpu tests/test_layers_gpu.py` where torch has CUDA and JAX has a GPU. The JAX
-layer runs backend="auto" (the Pallas kernels) in training and the scan kernel for short
-inference inputs; fla runs chunk_gdn2 (grad enabled) and fused_recurrent_gdn2 (no grad, T ≤ 64).
+`python -m pytest -m gpu tests/test_layers_gpu.py` where torch has CUDA and JAX has a GPU. The
+JAX layer runs backend="auto": the Pallas chunk kernels in training, the Pallas token-serial
+kernel for short inference inputs; fla runs chunk_gdn2 (grad enabled) and fused_recurrent_gdn2
+(no grad, T ≤ 64).
 """
 
 import jax
