@@ -56,15 +56,17 @@ SWEEP = {
 
 @dataclasses.dataclass
 class Intermediates:
+    """Each launch's inputs; the later fields are filled as the launches run in order."""
+
     inputs: tuple
     h0s: jax.Array
     segments: tuple
-    intra: dict
-    saved: tuple
-    do: jax.Array
-    dfinals: jax.Array
-    dstate: tuple
-    wy: tuple
+    intra: dict | None = None
+    saved: tuple | None = None
+    do: jax.Array | None = None
+    dfinals: jax.Array | None = None
+    dstate: tuple | None = None
+    wy: tuple | None = None
 
 
 def intermediates(case: Case) -> Intermediates:
@@ -73,7 +75,7 @@ def intermediates(case: Case) -> Intermediates:
     x = make_arrays(case)
     inputs = tuple(jnp.asarray(x[n], jnp.float32 if n == "g" else dtype) for n in "qkvgbw")
     h0s = jnp.zeros((2, case.B, case.H, case.K, case.V), jnp.float32)
-    it = Intermediates(inputs, h0s, dense_segments(case.T // 64), *[None] * 6)
+    it = Intermediates(inputs, h0s, dense_segments(case.T // 64))
     fns = stage_fns(case, default_chunk_config(dtype))
     it.intra = fns["fwd intra"](it)
     o, finals, *it.saved = fns["fwd state+save"](it)

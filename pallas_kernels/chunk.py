@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from pallas_kernels.chunk_bwd import chunk_dstate, chunk_intra_bwd, chunk_wy_bwd
 from pallas_kernels.chunk_fwd import chunk_intra, chunk_state
 from pallas_kernels.common import check_dims, numerics_for
-from pallas_kernels.config import CHUNK, DEFAULT_CHUNK_CONFIG, default_chunk_config
+from pallas_kernels.config import CHUNK, default_chunk_config
 
 
 def _numerics(q, v, g, chunk_size):
@@ -39,6 +39,7 @@ def _cast_inputs(q, k, v, g, b, w):
 
 def _forward(q, k, v, g, b, w, h0s, segments, scale, chunk_size, cfg, save):
     num = _numerics(q, v, g, chunk_size)
+    cfg = cfg or default_chunk_config(q.dtype)
     q, k, v, g, b, w = _cast_inputs(q, k, v, g, b, w)
     intra = chunk_intra(q, k, v, g, b, w, scale=scale, cfg=cfg, num=num)
     outs = chunk_state(intra, h0s, segments, q.dtype, cfg=cfg, num=num, save=save)
@@ -46,7 +47,8 @@ def _forward(q, k, v, g, b, w, h0s, segments, scale, chunk_size, cfg, save):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
-def pallas_chunk_core(q, k, v, g, b, w, h0s, segments, scale, chunk_size, cfg=DEFAULT_CHUNK_CONFIG):
+def pallas_chunk_core(q, k, v, g, b, w, h0s, segments, scale, chunk_size, cfg=None):
+    """`cfg` None: the tuned launch configuration for q's dtype (`default_chunk_config`)."""
     _, (o, finals) = _forward(q, k, v, g, b, w, h0s, segments, scale, chunk_size, cfg, False)
     return o, finals
 
@@ -63,6 +65,7 @@ def _core_bwd(scale, chunk_size, cfg, residuals, cotangents):
     inputs, h0s, segments, intra, saved = residuals
     q, k, v, g, b, w = _cast_inputs(*inputs)
     num = _numerics(q, v, g, chunk_size)
+    cfg = cfg or default_chunk_config(q.dtype)
     do, dfinals = cotangents
     dsc, dr, dh0s = chunk_dstate(
         intra, saved[0].shape, segments, do.astype(q.dtype), dfinals, cfg=cfg, num=num
@@ -79,7 +82,5 @@ pallas_chunk_core.defvjp(_core_fwd, _core_bwd)
 
 
 def chunk_core(q, k, v, g, b, w, h0s, segments, scale, chunk_size):
-    """The op's registration point (`gdn2_jax.ops.core.pallas_chunk_core`), with the tuned
-    launch configuration for the input dtype."""
-    cfg = default_chunk_config(q.dtype)
-    return pallas_chunk_core(q, k, v, g, b, w, h0s, segments, scale, chunk_size, cfg)
+    """The op's registration point (`gdn2_jax.ops.core.pallas_chunk_core`)."""
+    return pallas_chunk_core(q, k, v, g, b, w, h0s, segments, scale, chunk_size)

@@ -13,7 +13,7 @@ from gdn2_jax.ops.layout import (
     stack_initial_states,
     unstack_final_states,
 )
-from gdn2_jax.ops.reference import l2norm, recurrent, step_update
+from gdn2_jax.ops.reference import l2norm, step_update
 
 BACKENDS = ("auto", "pallas", "xla", "scan")
 RECURRENT_BACKENDS = ("auto", "pallas", "scan")
@@ -72,12 +72,8 @@ def gated_delta_rule2_recurrent(
     q, k, g, scale, h0s, packed = _prepare(
         q, k, v, g, b, w, scale, initial_state, cu_seqlens, use_qk_l2norm
     )
-    if backend == "pallas":
-        o, finals = core.pallas_recurrent(q, k, v, g, b, w, h0s, cu_seqlens, scale)
-    else:
-        T = q.shape[1]
-        segments = packed_segments(cu_seqlens, T) if packed else dense_segments(T)
-        o, finals = recurrent(q, k, v, g, b, w, h0s, segments, scale)
+    run = core.pallas_recurrent if backend == "pallas" else core.scan_recurrent
+    o, finals = run(q, k, v, g, b, w, h0s, cu_seqlens, scale)
     return _finish(o, finals, dtype, packed, initial_state, cu_seqlens, output_final_state)
 
 
@@ -203,7 +199,7 @@ def gated_delta_rule2_step(
     scale = q_t.shape[-1] ** -0.5 if scale is None else float(scale)
     if backend == "pallas":
         token = [x[:, None] for x in (q_t, k_t, v_t, g_t, b_t, w_t)]
-        h0s = jnp.stack([state.astype(jnp.float32), jnp.zeros_like(state, jnp.float32)])
+        h0s = stack_initial_states(state, None, state.shape, False, jnp.float32)
         o, finals = core.pallas_recurrent(*token, h0s, None, scale)
         return o[:, 0].astype(v_t.dtype), finals[0]
     o_t, state = step_update(q_t, k_t, v_t, g_t, b_t, w_t, state.astype(accum_dtype(state)), scale)

@@ -62,7 +62,9 @@ def _recurrent_kernel():
     return kernel
 
 
-def _reference_recurrent(q, k, v, g, b, w, h0s, cu_seqlens, scale):
+def scan_recurrent(q, k, v, g, b, w, h0s, cu_seqlens, scale):
+    """`gdn2_jax.ops.reference.recurrent` with the segments given as cu_seqlens (None: one
+    sequence per batch row); the contract `pallas_recurrent` shares."""
     T = q.shape[1]
     segments = dense_segments(T) if cu_seqlens is None else packed_segments(cu_seqlens, T)
     return recurrent(q, k, v, g, b, w, h0s, segments, scale)
@@ -70,8 +72,7 @@ def _reference_recurrent(q, k, v, g, b, w, h0s, cu_seqlens, scale):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
 def pallas_recurrent(q, k, v, g, b, w, h0s, cu_seqlens, scale):
-    """Same contract as `gdn2_jax.ops.reference.recurrent` with the segments given as cu_seqlens
-    (None: one sequence per batch row): h0s and finals [N+1, B, H, K, V], the last slot zeros."""
+    """`scan_recurrent` on the Pallas token-serial kernel: h0s and finals [N+1, B, H, K, V]."""
     packed = cu_seqlens is not None
     initial = h0s[:-1, 0] if packed else h0s[0]
     o, final = _recurrent_kernel()(
@@ -90,7 +91,7 @@ def _pallas_recurrent_bwd(scale, residuals, cotangents):
     *primals, cu_seqlens = residuals
     do, dfinals = cotangents
     _, vjp = jax.vjp(
-        lambda *x: _reference_recurrent(*x, cu_seqlens, scale), *primals
+        lambda *x: scan_recurrent(*x, cu_seqlens, scale), *primals
     )  # fmt: skip
     grads = vjp((do.astype(jnp.float32), dfinals))
     return (*(d.astype(x.dtype) for d, x in zip(grads, primals, strict=True)), None)
