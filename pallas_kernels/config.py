@@ -27,14 +27,15 @@ class Launch:
 class ChunkConfig:
     """Tiles of the chunkwise forward and backward kernels (K, V, a block are clipped to K, V)."""
 
-    intra_block_k: int = 64  # K slice of the off-diagonal score loop (forward intra kernel)
+    # 32-wide K slices beat 64 in the H100 sweep (benchmarks/RESULTS.md, 2026-11-26 session 2).
+    intra_block_k: int = 32  # K slice of the off-diagonal score loop (forward intra kernel)
     aux_block: int = 64  # column slice of U, Y, Q_γ, K_tail (forward intra kernel)
     intra: Launch = Launch(num_warps=4, num_stages=1)
     state_block_v: int = 64  # V columns of the carried state per program (forward state pass)
     state: Launch = Launch(num_warps=4, num_stages=2)
     dstate_block_v: int = 64  # V columns of the carried state gradient (reverse state pass)
     dstate: Launch = Launch(num_warps=4, num_stages=2)
-    wy_block_k: int = 64  # K and V tiles of the gate-aware WY backward kernel
+    wy_block_k: int = 32  # K and V tiles of the gate-aware WY backward kernel
     wy_block_v: int = 64
     wy: Launch = Launch(num_warps=4, num_stages=1)
     intra_bwd_block_k: int = 32  # K tile (grid axis) of the intra-chunk score backward

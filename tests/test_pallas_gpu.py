@@ -21,7 +21,7 @@ from gdn2_jax.crosscheck import (
     rel_err,
     torch_reference,
 )
-from gdn2_jax.ops import gated_delta_rule2
+from gdn2_jax.ops import gated_delta_rule2, gated_delta_rule2_recurrent, gated_delta_rule2_step
 from pallas_kernels.recurrent import recurrent
 
 pytestmark = [
@@ -94,3 +94,35 @@ def test_recurrent_kernel_on_gpu(dtype):
     o_ref, S_ref = fla_recurrent(x)
     tol = 1e-5 if dtype == jnp.float32 else 2e-2  # elementwise float32 math either way
     assert rel_err(o.astype(jnp.float32), o_ref) <= tol and rel_err(S, S_ref) <= tol
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_recurrent_entry_point_and_step_on_gpu(dtype):
+    """The op-level wiring of the decoding kernel (forward on the kernel, gradient through the
+    scan's VJP, packed sequences, the one-token step) compiled for the GPU."""
+    x = make_inputs(54, Shape(B=1, T=48, H=2, K=128, V=128), extreme=True)
+    args = [jnp.asarray(x[n], jnp.float32 if n == "g" else dtype) for n in NAMES[:6]]
+    h0 = jnp.asarray(x["initial_state"])
+    h0 = jnp.concatenate([h0, 0.5 * h0, -h0])
+    kw = dict(cu_seqlens=jnp.asarray([0, 17, 17, 48], jnp.int32), output_final_state=True)
+
+    def run(backend):
+        def loss(*a):
+            o, S = gated_delta_rule2_recurrent(*a[:6], initial_state=a[6], backend=backend, **kw)
+            o = o.astype(jnp.float32)
+            return jnp.sum(o * o) + jnp.sum(jnp.sin(S)), (o, S)
+
+        grads, out = jax.jit(jax.grad(loss, argnums=tuple(range(7)), has_aux=True))(*args, h0)
+        return (*out, *grads)
+
+    # Both sides run the same elementwise float32 recurrence; bf16 differs only in where
+    # the kernel and the scan round their bf16 outputs.
+    tol = 1e-5 if dtype == jnp.float32 else 1e-2
+    for n, (a, b) in enumerate(zip(run("pallas"), run("scan"), strict=True)):
+        assert rel_err(a.astype(jnp.float32), b.astype(jnp.float32)) <= tol, n
+
+    token = [a[0, :2] for a in args]  # two tokens as a batch of two
+    o, S = gated_delta_rule2_step(*token, h0[:2], backend="pallas")
+    o_ref, S_ref = gated_delta_rule2_step(*token, h0[:2], backend="scan")
+    assert rel_err(o.astype(jnp.float32), o_ref.astype(jnp.float32)) <= tol
+    assert rel_err(S, S_ref) <= tol
