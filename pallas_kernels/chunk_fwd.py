@@ -19,6 +19,7 @@ from jax.experimental import pallas as pl
 from pallas_kernels.common import F32, Numerics, barrier, compiler_params, iota, mm, mm_cast, row
 from pallas_kernels.config import CHUNK, NUM_SUB, SUB, ChunkConfig
 
+HALF = SUB // 2
 _PAIRS = tuple((i, j) for i in range(1, NUM_SUB) for j in range(i))
 
 
@@ -60,30 +61,40 @@ def _offdiag_scores(q_ref, k_ref, b_ref, G_ref, bi, h, bh, t0, *, K, bk, scale, 
     return dict(zip(_PAIRS, a_blocks, strict=True)), dict(zip(_PAIRS, t_blocks, strict=True))
 
 
-def _diag_scores(q_ref, k_ref, b_ref, G_ref, bi, h, bh, r0, *, K, scale):
-    """The diagonal 16×16 blocks pairwise, column by column, the causal mask applied before exp."""
+def _diag_scores(q_ref, k_ref, b_ref, G_ref, bi, h, bh, r0, *, K, scale, precision):
+    """A diagonal 16×16 block. Its lower-left 8×8 quadrant is one factored product through the
+    boundary n = r0 + 8 (both exponents ≤ 0, as off the diagonal); the two diagonal 8×8
+    quadrants go column by column, columns j and j + 8 in one step, masked before the exp."""
     rows = pl.ds(r0, SUB)
     q = q_ref[bi, rows, h, :].astype(F32) * scale
     k = k_ref[bi, rows, h, :].astype(F32)
     bk = b_ref[bi, rows, h, :].astype(F32) * k
     G = G_ref[bh, rows, :]
     r_k = iota((SUB, K), 0)
+    lower = r_k >= HALF
+    Gn = G_ref[bh, r0 + HALF, :][None, :]
+    to_n = jnp.exp(jnp.where(lower, G - Gn, -jnp.inf))
+    kf = k * jnp.exp(jnp.where(lower, -jnp.inf, Gn - G))
+    a_d = mm(q * to_n, kf, precision, tb=True)
+    t_d = mm(bk * to_n, kf, precision, tb=True)
+
     r_1 = iota((SUB,), 0)
     col = iota((SUB, SUB), 1)
+    shift_k = jnp.where(lower, HALF, 0)
+    shift_1 = jnp.where(r_1 >= HALF, HALF, 0)
 
     def body(j, carry):
         a_d, t_d = carry
-        kj = k_ref[bi, r0 + j, h, :].astype(F32)[None, :]
-        Gj = G_ref[bh, r0 + j, :][None, :]
-        kE = kj * jnp.exp(jnp.where(r_k >= j, G - Gj, -jnp.inf))
+        kj = jnp.where(lower, k_ref[bi, r0 + HALF + j, h, :][None, :], k_ref[bi, r0 + j, h, :])
+        Gj = jnp.where(lower, G_ref[bh, r0 + HALF + j, :][None, :], G_ref[bh, r0 + j, :])
+        kE = kj.astype(F32) * jnp.exp(jnp.where(r_k >= j + shift_k, G - Gj, -jnp.inf))
+        c = j + shift_1
         a_col = jnp.sum(q * kE, axis=1)
-        t_col = jnp.where(r_1 > j, jnp.sum(bk * kE, axis=1), 0.0)
-        a_d = jnp.where(col == j, a_col[:, None], a_d)
-        t_d = jnp.where(col == j, t_col[:, None], t_d)
-        return a_d, t_d
+        t_col = jnp.where(r_1 > c, jnp.sum(bk * kE, axis=1), 0.0)
+        here = col == c[:, None]
+        return jnp.where(here, a_col[:, None], a_d), jnp.where(here, t_col[:, None], t_d)
 
-    zero = jnp.zeros((SUB, SUB), F32)
-    return jax.lax.fori_loop(0, SUB, body, (zero, zero))
+    return jax.lax.fori_loop(0, HALF, body, (a_d, t_d))
 
 
 def _invert_unit_lower(t):
@@ -161,7 +172,9 @@ def _intra_kernel(q_ref, k_ref, g_ref, b_ref, v_ref, w_ref, *outs, H, K, V, scal
     a_off, t_off = _offdiag_scores(*score_refs, t0, K=K, bk=bk, scale=scale, num=num)
     a_blocks, t_blocks = dict(a_off), dict(t_off)
     for i in range(NUM_SUB):
-        diag = _diag_scores(*score_refs, t0 + SUB * i, K=K, scale=scale)
+        diag = _diag_scores(
+            *score_refs, t0 + SUB * i, K=K, scale=scale, precision=num.score_precision
+        )
         a_blocks[(i, i)], t_blocks[(i, i)] = diag
     _store_blocks(aqk_ref, bh, t0, a_blocks, aqk_ref.dtype)
     _store_blocks(ainv_ref, bh, t0, _solve_blocks(t_blocks, num.solve_precision), ainv_ref.dtype)
