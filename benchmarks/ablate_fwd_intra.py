@@ -17,10 +17,9 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax
 import jax.numpy as jnp
-from bench_kernels import Intermediates, stage_fns, time_stage
-from bench_ops import Case, make_arrays
+from bench_kernels import op_inputs, stage_fns, time_stage
+from bench_ops import Case
 
-from gdn2_jax.ops.layout import dense_segments
 from pallas_kernels import chunk_fwd, default_chunk_config
 from pallas_kernels.config import NUM_SUB, SUB
 
@@ -78,19 +77,16 @@ def main():
     parser.add_argument("--iters", type=int, default=20)
     args = parser.parse_args()
     for shape in args.shapes:
-        B, T = map(int, shape.split("x"))
-        case = Case(B, T, H=16, K=128, V=128, dtype=args.dtype)
-        x = make_arrays(case)
-        dtype = jnp.dtype(case.dtype)
-        inputs = tuple(jnp.asarray(x[n], jnp.float32 if n == "g" else dtype) for n in "qkvgbw")
-        it = Intermediates(inputs, jnp.zeros((2, B, 16, 128, 128)), dense_segments(T // 64))
-        print(f"{shape} H16 K128 V128 {args.dtype}, fwd intra kernel", flush=True)
+        case = Case(*map(int, shape.split("x")), dtype=args.dtype)
+        it = op_inputs(case)
+        cfg = default_chunk_config(jnp.dtype(case.dtype))
+        print(f"{case.label}, fwd intra kernel", flush=True)
         base = None
         for label, patches in ABLATIONS.items():
             with contextlib.ExitStack() as stack:
                 for name, stand_in in patches.items():
                     stack.enter_context(mock.patch.object(chunk_fwd, name, stand_in))
-                fn = stage_fns(case, default_chunk_config(dtype))["fwd intra"]
+                fn = stage_fns(case, cfg)["fwd intra"]
                 ms = time_stage(fn, it, args.iters)
             base = ms if base is None else base
             print(f"  {label:<26} {ms:8.3f} ms  ({ms - base:+.3f})", flush=True)

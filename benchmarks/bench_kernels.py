@@ -69,14 +69,20 @@ class Intermediates:
     wy: tuple | None = None
 
 
-def intermediates(case: Case) -> Intermediates:
-    """Every launch's inputs, produced by the default-config launches before it."""
+def op_inputs(case: Case) -> Intermediates:
+    """The op's inputs (g float32, the rest in the case's dtype), a zero state, dense segments:
+    all the forward intra launch reads."""
     dtype = jnp.dtype(case.dtype)
     x = make_arrays(case)
     inputs = tuple(jnp.asarray(x[n], jnp.float32 if n == "g" else dtype) for n in "qkvgbw")
     h0s = jnp.zeros((2, case.B, case.H, case.K, case.V), jnp.float32)
-    it = Intermediates(inputs, h0s, dense_segments(case.T // 64))
-    fns = stage_fns(case, default_chunk_config(dtype))
+    return Intermediates(inputs, h0s, dense_segments(case.T // 64))
+
+
+def intermediates(case: Case) -> Intermediates:
+    """Every launch's inputs, produced by the default-config launches before it."""
+    it = op_inputs(case)
+    fns = stage_fns(case, default_chunk_config(jnp.dtype(case.dtype)))
     it.intra = fns["fwd intra"](it)
     o, finals, *it.saved = fns["fwd state+save"](it)
     it.do, it.dfinals = jnp.ones_like(o), jnp.ones_like(finals)

@@ -15,13 +15,12 @@ from gdn2_jax import sharding
 from gdn2_jax.layers.conv import ShortConvolution
 from gdn2_jax.layers.init import GDN2_LINEAR_INIT, dense, partitioned
 from gdn2_jax.layers.norm import OUTPUT_GATES, GatedRMSNorm
-from gdn2_jax.ops import gated_delta_rule2_step
+from gdn2_jax.ops import BACKENDS, gated_delta_rule2_step
 
 GATE_MODES = ("gdn2", "kda", "b_only", "w_only", "gdn")
 # Modes whose erase and write gates are one tied β per value head.
 TIED_MODES = ("kda", "gdn")
 MODES = ("chunk", "recurrent")
-BACKENDS = ("auto", "pallas", "xla", "scan")
 # Inference inputs this short run token-serially, as fla's layer does: no chunk padding to pay.
 SHORT_INPUT_LEN = 64
 # The token-serial op's backend for each layer backend ("auto": the Pallas kernel on a GPU).

@@ -9,6 +9,7 @@ kernel forward, the scan reference's VJP backward.
 """
 
 import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -41,25 +42,19 @@ def _xla_bwd(scale, chunk_size, residuals, cotangents):
 xla_chunk_core.defvjp(_xla_fwd, _xla_bwd)
 
 
+def _pallas_kernel(module, name):
+    """A kernel of `pallas_kernels`, imported on first use so that CPU-only installs never
+    import the GPU kernels."""
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ImportError as err:
+        raise NotImplementedError(
+            f'backend="pallas" needs the pallas_kernels package, which is not available: {err}'
+        ) from err
+
+
 def pallas_chunk_core(*args, **kwargs):
-    """Resolved lazily so that CPU-only installs never import the GPU kernels."""
-    try:
-        from pallas_kernels import chunk_core
-    except ImportError as err:
-        raise NotImplementedError(
-            f'backend="pallas" needs the pallas_kernels package, which is not available: {err}'
-        ) from err
-    return chunk_core(*args, **kwargs)
-
-
-def _recurrent_kernel():
-    try:
-        from pallas_kernels.recurrent import recurrent as kernel
-    except ImportError as err:
-        raise NotImplementedError(
-            f'backend="pallas" needs the pallas_kernels package, which is not available: {err}'
-        ) from err
-    return kernel
+    return _pallas_kernel("pallas_kernels", "chunk_core")(*args, **kwargs)
 
 
 def scan_recurrent(q, k, v, g, b, w, h0s, cu_seqlens, scale):
@@ -75,7 +70,7 @@ def pallas_recurrent(q, k, v, g, b, w, h0s, cu_seqlens, scale):
     """`scan_recurrent` on the Pallas token-serial kernel: h0s and finals [N+1, B, H, K, V]."""
     packed = cu_seqlens is not None
     initial = h0s[:-1, 0] if packed else h0s[0]
-    o, final = _recurrent_kernel()(
+    o, final = _pallas_kernel("pallas_kernels.recurrent", "recurrent")(
         q, k, v, g, b, w, initial, scale=scale, cu_seqlens=cu_seqlens
     )  # fmt: skip
     final = final[:, None] if packed else final[None]
