@@ -1,6 +1,6 @@
 """Side-by-side timing of the GDN-2 op's backends (and fla's Triton `chunk_gdn2` on a GPU).
 
-    python benchmarks/bench_ops.py                      # DESIGN §7 shapes (GPU)
+    python benchmarks/bench_ops.py                      # H = 16, K = V = 128 shapes (GPU)
     python benchmarks/bench_ops.py --small              # a CPU-sized shape
     python benchmarks/bench_ops.py --backends xla pallas --shapes 4x4096 1x16384
 

@@ -21,7 +21,7 @@ from gdn2_jax.config import (
     OptimizerConfig,
     TrainConfig,
 )
-from gdn2_jax.model import ModelConfig
+from gdn2_jax.model_config import ModelConfig
 
 TOKENS_PER_STEP = 128 * 4096
 

@@ -17,7 +17,7 @@ from gdn2_jax.config import (
     RecallConfig,
     TrainConfig,
 )
-from gdn2_jax.model import ModelConfig
+from gdn2_jax.model_config import ModelConfig
 
 
 def get_config() -> Config:

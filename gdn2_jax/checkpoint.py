@@ -3,22 +3,30 @@
 Orbax writes each step into a temporary directory and renames it only once every item is on
 disk, so a save killed midway leaves no step directory and the previous checkpoint stays the
 latest one. Leftover temporary directories are removed when the next run opens the manager.
+
+A run resumes a checkpoint when what is stored still fits it: the same tree of arrays with the
+same shapes and dtypes (parameters and optimizer state) and a data position that means the same
+thing. Everything else in the config (how the model computes: backends, remat, compute dtype;
+the learning-rate schedule; logging) may change on resume, and the changes are logged.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 import grain
+import jax
 import orbax.checkpoint as ocp
 
 from gdn2_jax import config as config_lib
 from gdn2_jax.config import CheckpointConfig
 
-# Config keys whose change makes a checkpoint meaningless for the current run: the model's
-# shapes, or what the saved data-iterator position points at.
-COMPATIBILITY_KEYS = ("model", "data.kind", "data.seq_len", "data.batch_size", "data.paths")
+# Config keys that say what the saved data-iterator position points at.
+DATA_POSITION_KEYS = ("data.kind", "data.seq_len", "data.batch_size", "data.paths")
+
+log = logging.getLogger(__name__)
 
 
 class IncompatibleCheckpointError(ValueError):
@@ -31,14 +39,40 @@ def _select(d: dict, dotted: str):
     return d
 
 
-def incompatibilities(saved: dict, current: dict) -> list[str]:
+def data_position_changes(saved: dict, current: dict) -> list[str]:
+    """The data-position keys whose values differ, as "key: saved != current"."""
     out = []
-    for key in COMPATIBILITY_KEYS:
+    for key in DATA_POSITION_KEYS:
         a, b = _select(saved, key), _select(current, key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += config_lib.diff(a, b, key + ".")
-        elif a != b:
+        if a != b:
             out.append(f"{key}: {a!r} != {b!r}")
+    return out
+
+
+def _key_name(key) -> str:
+    for attr in ("name", "key", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def _array_table(tree) -> dict[str, tuple]:
+    """{"params.blocks.0.mixer...": (shape, dtype)} of every array leaf."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {
+        ".".join(_key_name(k) for k in path): (tuple(x.shape), str(x.dtype)) for path, x in leaves
+    }
+
+
+def state_changes(saved_tree, target) -> list[str]:
+    """How the stored arrays differ from the ones the run expects (missing, extra, reshaped)."""
+    saved, wanted = _array_table(saved_tree), _array_table(target)
+    out = [f"{n}: only in the checkpoint" for n in sorted(saved.keys() - wanted.keys())]
+    out += [f"{n}: not in the checkpoint" for n in sorted(wanted.keys() - saved.keys())]
+    for name in sorted(saved.keys() & wanted.keys()):
+        (s_shape, s_dtype), (w_shape, w_dtype) = saved[name], wanted[name]
+        if (s_shape, s_dtype) != (w_shape, w_dtype):
+            out.append(f"{name}: {s_dtype}{list(s_shape)} != {w_dtype}{list(w_shape)}")
     return out
 
 
@@ -53,8 +87,15 @@ class Checkpointer:
             cleanup_tmp_directories=True,
             create=True,
         )
+        # Handlers named up front, so that a fresh process can read a step's metadata before
+        # its first save or restore.
+        handlers = {
+            "state": ocp.StandardCheckpointHandler(),
+            "data": grain.checkpoint.CheckpointHandler(),
+            "config": ocp.JsonCheckpointHandler(),
+        }
         self.manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "data", "config")
+            self.directory, options=options, item_handlers=handlers
         )
 
     def latest_step(self) -> int | None:
@@ -81,29 +122,35 @@ class Checkpointer:
         )
         return restored.config
 
+    def saved_arrays(self, step: int):
+        """The stored state's tree of array metadata (shape, dtype) without reading it."""
+        return self.manager.item_metadata(step)["state"].tree
+
     def restore(self, step: int, abstract_state: Any, data_iterator, config: dict) -> Any:
         """Restores the state (onto the shardings of `abstract_state`) and moves the data
-        iterator to where it was; refuses checkpoints of an incompatible config."""
-        problems = incompatibilities(self.saved_config(step), config)
+        iterator to where it was; refuses a checkpoint whose arrays or data position do not fit
+        this run, and logs the config keys that changed."""
+        saved_config = self.saved_config(step)
+        problems = state_changes(self.saved_arrays(step), abstract_state)
+        problems += data_position_changes(saved_config, config)
         if problems:
             raise IncompatibleCheckpointError(
-                f"checkpoint {self.directory}/{step} was written with a different config; "
-                "these keys differ (saved != current):\n  "
+                f"checkpoint {self.directory}/{step} does not fit this run "
+                "(saved != current):\n  "
                 + "\n  ".join(problems)
                 + "\nUse another train.workdir, or set checkpoint.resume=false to start over."
             )
+        changed = config_lib.diff(saved_config, config)
+        if changed:
+            log.warning(
+                "resuming %s/%d with a changed config (saved != current):\n  %s",
+                self.directory, step, "\n  ".join(changed),
+            )  # fmt: skip
         args = ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state),
             data=grain.checkpoint.CheckpointRestore(data_iterator),
         )
-        try:
-            restored = self.manager.restore(step, args=args)
-        except (ValueError, KeyError) as e:
-            raise IncompatibleCheckpointError(
-                f"checkpoint {self.directory}/{step} does not match this run's train state "
-                f"(parameter or optimizer-state structure differs): {e}"
-            ) from e
-        return restored.state
+        return self.manager.restore(step, args=args).state
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from gdn2_jax.model import ModelConfig
+from gdn2_jax.model_config import ModelConfig
 
 
 class ConfigError(ValueError):

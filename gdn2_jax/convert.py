@@ -32,7 +32,8 @@ import numpy as np
 from flax import nnx
 
 from gdn2_jax.layers import Attention, GatedDeltaRule2
-from gdn2_jax.model import CausalLM, ModelConfig
+from gdn2_jax.model import CausalLM
+from gdn2_jax.model_config import ModelConfig
 
 StateDict = dict[str, np.ndarray]
 JAX_FORMAT = "gdn2_jax.CausalLM"

@@ -1,28 +1,23 @@
-"""Device mesh, logical-axis rules, and the shard_map wrapper that the GDN-2 op runs inside.
+"""Device mesh, logical-axis rules and batch shardings of training.
 
 Mesh axes: "data" and "fsdp" both split the batch ("fsdp" also splits parameters along the
-model width), "tensor" splits heads, MLP width and vocabulary.
+model width), "tensor" splits heads, MLP width and vocabulary. The GDN-2 op runs per shard over
+the same axes (`gdn2_jax.ops.sharded`).
 """
 
 from __future__ import annotations
 
-import functools
 import math
-from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-from gdn2_jax import ops
+from gdn2_jax.config import MeshConfig
+from gdn2_jax.ops.sharded import BATCH_AXES, HEAD_AXES
 
-if TYPE_CHECKING:
-    # The model imports this module for the op wrapper, and the config imports the model.
-    from gdn2_jax.config import MeshConfig
-
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
+MESH_AXES = (*BATCH_AXES, *HEAD_AXES)
 
 # Logical axis names (from the model's nnx.with_partitioning annotations) -> mesh axes.
 LOGICAL_RULES = (
@@ -91,50 +86,6 @@ def batch_sharding(mesh) -> NamedSharding:
 
 def replicated(mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
-
-
-def _axes_that_divide(mesh, axes: tuple[str, ...], size: int) -> tuple[str, ...] | None:
-    axes = tuple(a for a in axes if a in mesh.axis_names and mesh.shape[a] > 1)
-    if not axes or size % math.prod(mesh.shape[a] for a in axes):
-        return None
-    return axes
-
-
-def gated_delta_rule2(
-    q, k, v, g, b, w, *, initial_state=None, cu_seqlens=None, recurrent=False, **kwargs
-):
-    """`gdn2_jax.ops.gated_delta_rule2` that runs per shard under the active mesh.
-
-    The op's Pallas kernels have no partitioning rule, so under a mesh XLA would gather whole
-    arrays onto every device. Each shard holds whole sequences of some heads, and the recurrence
-    is independent across both, so it runs locally inside shard_map. Without a mesh (or with one
-    that cannot split these shapes) this is the op itself.
-    """
-    op = functools.partial(ops.gated_delta_rule2, **kwargs)
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return op(q, k, v, g, b, w, initial_state=initial_state, cu_seqlens=cu_seqlens)
-    # Packed sequences (cu_seqlens) share batch row 0, so only heads can be split then.
-    batch = None if cu_seqlens is not None else _axes_that_divide(mesh, BATCH_AXES, q.shape[0])
-    heads = _axes_that_divide(mesh, ("tensor",), q.shape[2])
-    if batch is None and heads is None:
-        return op(q, k, v, g, b, w, initial_state=initial_state, cu_seqlens=cu_seqlens)
-    x_spec = PartitionSpec(batch, None, heads, None)
-    state_spec = PartitionSpec(batch, heads, None, None)
-    extras = {"initial_state": initial_state, "cu_seqlens": cu_seqlens}
-    extra_specs = {"initial_state": state_spec, "cu_seqlens": PartitionSpec()}
-    given = {name: x for name, x in extras.items() if x is not None}
-
-    def local(q, k, v, g, b, w, given):
-        return op(q, k, v, g, b, w, **given)
-
-    sharded = jax.shard_map(
-        local,
-        in_specs=((x_spec,) * 6 + ({n: extra_specs[n] for n in given},)),
-        out_specs=(x_spec, state_spec if kwargs.get("output_final_state") else None),
-        check_vma=False,
-    )
-    return sharded(q, k, v, g, b, w, given)
 
 
 def host_local_to_global(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:

@@ -1,10 +1,11 @@
-"""Pallas (Triton lowering) GPU kernels for Gated DeltaNet-2; interpret mode off a GPU.
+"""Pallas (Triton lowering) GPU kernels for Gated DeltaNet-2; Pallas interpret mode on request.
 
 `chunk_core` is the op's chunk core for `backend="pallas"` (see `pallas_kernels.chunk`);
 `recurrent` the token-serial decoding kernel (see `pallas_kernels.recurrent`).
+`chunk_unsupported` / `recurrent_unsupported` say why inputs cannot run (None when they can).
 """
 
-from pallas_kernels.chunk import chunk_core, pallas_chunk_core
+from pallas_kernels.chunk import chunk_core, chunk_unsupported, pallas_chunk_core
 from pallas_kernels.config import (
     DEFAULT_CHUNK_CONFIG,
     DEFAULT_RECURRENT_CONFIG,
@@ -14,6 +15,7 @@ from pallas_kernels.config import (
     RecurrentConfig,
     default_chunk_config,
 )
+from pallas_kernels.recurrent import recurrent, recurrent_unsupported
 
 __all__ = [
     "DEFAULT_CHUNK_CONFIG",
@@ -23,6 +25,9 @@ __all__ = [
     "Launch",
     "RecurrentConfig",
     "chunk_core",
+    "chunk_unsupported",
     "default_chunk_config",
     "pallas_chunk_core",
+    "recurrent",
+    "recurrent_unsupported",
 ]

@@ -71,13 +71,23 @@ def barrier(num: Numerics):
         pltriton.debug_barrier()
 
 
-def check_dims(K, V):
+def dims_unsupported(K, V):
+    """Why the kernels cannot run head sizes K, V (None when they can)."""
     for name, d in (("K", K), ("V", V)):
         if d not in SUPPORTED_DIMS:
-            raise NotImplementedError(
+            return (
                 f"pallas kernels support {name} in {SUPPORTED_DIMS} (powers of two >= 16 for "
                 f"Triton dots, <= 128 so the state tile fits in registers), got {name}={d}"
             )
+    return None
+
+
+def dtypes_unsupported(dtypes):
+    """Why the kernels cannot run inputs of `dtypes` (None when they can)."""
+    wide = [str(d) for d in dtypes if jnp.dtype(d).itemsize > 4]
+    if wide:
+        return f"pallas kernels run float32 and 16-bit floats, got {', '.join(wide)}"
+    return None
 
 
 def row(x, r):

@@ -1,8 +1,13 @@
-"""Frozen block-size and launch configurations of the Pallas kernels.
+"""Frozen, validated block-size and launch configurations of the Pallas kernels.
 
 Every kernel reads its tile sizes, warps and pipeline stages from one of these; tuning means
 passing another instance, never editing a kernel. The chunk length (64) and the sub-block length
 (16) of the safe decay factorization are fixed by the algorithm, not tunable.
+
+A config checks itself twice: at construction (each tile a power of two >= 16, the smallest
+Triton dot dimension; warps and stages in the ranges Triton launches) and at the call
+(`check_dims`: each tile, clipped to the dimension it tiles, divides it), so a bad tile is a
+ValueError naming the field, never a wrong number.
 """
 
 import dataclasses
@@ -13,6 +18,36 @@ CHUNK = 64  # tokens per chunk (the WY block)
 SUB = 16  # rows per sub-block of the safe factorization and of the blocked triangular solve
 NUM_SUB = CHUNK // SUB
 SUPPORTED_DIMS = (16, 32, 64, 128)  # K and V: powers of two, >= 16 for Triton dots, <= 128 regs
+MIN_TILE = 16
+WARPS = (1, 2, 4, 8, 16)
+MAX_STAGES = 8
+
+
+def _is_power_of_two(n) -> bool:
+    return isinstance(n, int) and n > 0 and not n & (n - 1)
+
+
+def _check_tile(owner: str, name: str, value) -> None:
+    if not _is_power_of_two(value) or value < MIN_TILE:
+        raise ValueError(f"{owner}.{name} must be a power of two >= {MIN_TILE}, got {value!r}")
+
+
+def _check_tiles(config) -> None:
+    owner = type(config).__name__
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if isinstance(value, Launch):
+            continue
+        _check_tile(owner, field.name, value)
+
+
+def _check_divides(config, tiles, dims: dict[str, int]) -> None:
+    """Each (field, dimension name) of `tiles`: the field, clipped to the dimension, divides it."""
+    owner = type(config).__name__
+    for name, dim in tiles:
+        tile, size = getattr(config, name), dims[dim]
+        if size % min(tile, size):
+            raise ValueError(f"{owner}.{name}={tile} does not divide {dim}={size}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,6 +56,14 @@ class Launch:
 
     num_warps: int = 4
     num_stages: int = 1
+
+    def __post_init__(self):
+        if self.num_warps not in WARPS:
+            raise ValueError(f"Launch.num_warps must be one of {WARPS}, got {self.num_warps!r}")
+        if not isinstance(self.num_stages, int) or not 1 <= self.num_stages <= MAX_STAGES:
+            raise ValueError(
+                f"Launch.num_stages must be an int in [1, {MAX_STAGES}], got {self.num_stages!r}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +84,24 @@ class ChunkConfig:
     intra_bwd_block_k: int = 32  # K tile (grid axis) of the intra-chunk score backward
     intra_bwd: Launch = Launch(num_warps=4, num_stages=1)
 
+    # Which dimension each tile splits (aux_block slices both).
+    TILED = (
+        ("intra_block_k", "K"),
+        ("state_block_v", "V"),
+        ("dstate_block_v", "V"),
+        ("wy_block_k", "K"),
+        ("wy_block_v", "V"),
+        ("intra_bwd_block_k", "K"),
+        ("aux_block", "K"),
+        ("aux_block", "V"),
+    )
+
+    def __post_init__(self):
+        _check_tiles(self)
+
+    def check_dims(self, K: int, V: int) -> None:
+        _check_divides(self, self.TILED, {"K": K, "V": V})
+
 
 @dataclasses.dataclass(frozen=True)
 class RecurrentConfig:
@@ -48,6 +109,13 @@ class RecurrentConfig:
 
     block_v: int = 32
     launch: Launch = Launch(num_warps=4, num_stages=1)
+
+    def __post_init__(self):
+        _check_tiles(self)
+
+    def check_dims(self, K: int, V: int) -> None:
+        del K
+        _check_divides(self, (("block_v", "V"),), {"V": V})
 
 
 DEFAULT_CHUNK_CONFIG = ChunkConfig()

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import F32, check_dims, compiler_params, numerics_for
+from pallas_kernels.common import F32, compiler_params, dims_unsupported, dtypes_unsupported
 from pallas_kernels.config import DEFAULT_RECURRENT_CONFIG, RecurrentConfig
 
 
@@ -37,6 +37,12 @@ def _recurrent_kernel(*refs, H, T, bv, scale, packed):
     fin_ref[n, h, :, vs] = jax.lax.fori_loop(start, stop, body, h0_ref[n, h, :, vs])
 
 
+def recurrent_unsupported(K, V, dtypes, chunk_size=None):
+    """Why the token-serial kernel cannot run these inputs (None when it can)."""
+    del chunk_size  # token-serial: no chunks
+    return dims_unsupported(K, V) or dtypes_unsupported(dtypes)
+
+
 def recurrent(
     q,
     k,
@@ -49,22 +55,25 @@ def recurrent(
     scale=None,
     cu_seqlens=None,
     cfg: RecurrentConfig = DEFAULT_RECURRENT_CONFIG,
+    interpret: bool = False,
 ):
     """o [B, T, H, V] in v's dtype and final states [N, H, K, V] float32.
 
     Shapes as `gated_delta_rule2` (inputs are validated there); initial_state [N, H, K, V] or None.
-    Tokens outside every packed sequence get o = 0.
+    Tokens outside every packed sequence get o = 0. `interpret`: Pallas interpret mode.
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
-    check_dims(K, V)
+    reason = recurrent_unsupported(K, V, (q.dtype, k.dtype, v.dtype, b.dtype, w.dtype), None)
+    if reason is not None:
+        raise NotImplementedError(reason)
+    cfg.check_dims(K, V)
     packed = cu_seqlens is not None
     N = cu_seqlens.shape[0] - 1 if packed else B
     scale = K**-0.5 if scale is None else float(scale)
     h0 = jnp.zeros((N, H, K, V), F32) if initial_state is None else initial_state.astype(F32)
     cu = jnp.zeros((2,), jnp.int32) if not packed else cu_seqlens.astype(jnp.int32)
     bv = min(cfg.block_v, V)
-    interpret = numerics_for(q.dtype, jax.default_backend() != "gpu").interpret
     kernel = functools.partial(_recurrent_kernel, H=H, T=T, bv=bv, scale=scale, packed=packed)
     o, final = pl.pallas_call(
         kernel,

@@ -1,6 +1,14 @@
 import pytest
 
 
+@pytest.fixture
+def fla_on_cpu(monkeypatch):
+    """fla's GatedDeltaNet2 class, patched to run on CPU with PyTorch references."""
+    from testing import patch_fla_for_cpu
+
+    return patch_fla_for_cpu(monkeypatch)
+
+
 def pytest_collection_modifyitems(config, items):
     del config
     for item in items:

@@ -1,7 +1,8 @@
 """Shared machinery for testing every backend of the GDN-2 op against fla's PyTorch reference.
 
 `OpBackendTests` holds the whole op test suite; each backend subclasses it and sets `backend`
-(tokamax style). Ground truth is fla-core's `naive_recurrent_gdn2` (token-by-token, PyTorch).
+(and `interpret` for the Pallas kernels in interpret mode), tokamax style. Ground truth is
+fla-core's `naive_recurrent_gdn2` (token-by-token, PyTorch).
 """
 
 import jax
@@ -29,6 +30,7 @@ class OpBackendTests:
     """The op's test suite; subclasses set `backend`. Tolerances carry their reasons."""
 
     backend: str = ""
+    interpret: bool = False
 
     # float32 against float32: both sides accumulate rounding over T steps; the chunk form sums
     # in another order, so agreement is to a few ulps times the sequence length.
@@ -36,7 +38,7 @@ class OpBackendTests:
     GRAD_TOL = 1e-3
 
     def op(self, *args, **kwargs):
-        return gated_delta_rule2(*args, backend=self.backend, **kwargs)
+        return gated_delta_rule2(*args, backend=self.backend, interpret=self.interpret, **kwargs)
 
     def check_against_fla(self, inputs, shape, fwd_tol=None, grad_tol=None):
         cotangents = make_cotangents(0, shape)
@@ -138,6 +140,7 @@ class OpBackendTests:
             initial_state=jnp.asarray(x["initial_state"]),
             output_final_state=True,
             backend=self.backend,
+            interpret=self.interpret,
         )
         assert rel_err(o, o_ref.numpy()) <= self.FWD_TOL
         assert rel_err(S, S_ref.numpy()) <= self.FWD_TOL

@@ -46,11 +46,27 @@ def test_resume_reproduces_uninterrupted_losses(tmp_path):
 def test_incompatible_config_is_refused(tmp_path):
     trainer.train(tiny_config(tmp_path), until=1)
     wider = "model.hidden_size=64"
-    with pytest.raises(IncompatibleCheckpointError, match=r"model\.hidden_size: 32 != 64"):
+    # The stored arrays name the mismatch: the embedding is [vocab, 32], the run wants [vocab, 64].
+    with pytest.raises(IncompatibleCheckpointError, match=r"params\.wte: float32\[32, 32\] != "):
         trainer.train(tiny_config(tmp_path, wider))
+    with pytest.raises(IncompatibleCheckpointError, match=r"data\.seq_len: 32 != 48"):
+        trainer.train(tiny_config(tmp_path, "data.seq_len=48"))
     # Starting over in the same workdir is allowed when asked for.
     fresh = trainer.train(tiny_config(tmp_path, wider, "checkpoint.resume=false"), until=0)
     assert fresh["step"] == 0 and math.isfinite(fresh["eval"]["loss"])
+
+
+def test_computation_only_changes_resume_and_are_logged(tmp_path, caplog):
+    """Backends, remat and the compute dtype change no stored array: the run resumes."""
+    trainer.train(tiny_config(tmp_path), until=1)
+    how = ("model.gdn2_backend=scan", "model.remat=true", "model.dtype=bfloat16")
+    with caplog.at_level("WARNING", logger="gdn2_jax.checkpoint"):
+        resumed = trainer.train(tiny_config(tmp_path, *how), until=2)
+    assert resumed["step"] == 2
+    logged = caplog.text
+    assert "model.gdn2_backend: 'xla' != 'scan'" in logged
+    assert "model.remat: False != True" in logged
+    assert "model.dtype: 'float32' != 'bfloat16'" in logged
 
 
 def _save(ckpt, step, value, iterator):

@@ -16,7 +16,8 @@ from test_layers import HIDDEN, fla_on_cpu, make_fla_layer, rel_err  # noqa: F40
 
 from gdn2_jax import convert
 from gdn2_jax.layers import GatedDeltaRule2
-from gdn2_jax.model import CausalLM, ModelConfig
+from gdn2_jax.model import CausalLM
+from gdn2_jax.model_config import ModelConfig
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional

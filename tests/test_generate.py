@@ -5,9 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from testing import rel_err
 
 from gdn2_jax.generate import GREEDY, SamplingConfig, generate, sample_logits
-from gdn2_jax.model import CausalLM, ModelConfig
+from gdn2_jax.model import CausalLM
+from gdn2_jax.model_config import ModelConfig
 
 # float32 everywhere; the chunked prefill and the token-serial decode round differently,
 # so logits (of size ~1) agree to a few float32 ulps times the depth, not bit-for-bit.
@@ -16,10 +18,6 @@ DECODE_TOL = 1e-5
 
 def _tokens(B, T, vocab, seed=0):
     return jax.random.randint(jax.random.key(seed), (B, T), 0, vocab, jnp.int32)
-
-
-def _rel(a, b):
-    return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
 
 
 @nnx.jit(static_argnames="max_len")
@@ -63,7 +61,7 @@ def test_prefill_then_decode_matches_full_forward(pattern):
     cfg = ModelConfig.preset("tiny-hybrid", block_pattern=pattern)
     model = CausalLM(cfg, rngs=nnx.Rngs(1))
     tokens = _tokens(2, 80, cfg.vocab_size)
-    assert _rel(_decode_all(model, tokens, 70), _forward(model, tokens)) < DECODE_TOL
+    assert rel_err(_decode_all(model, tokens, 70), _forward(model, tokens)) < DECODE_TOL
 
 
 def test_short_prompt_prefill_in_inference_mode_then_decode():
@@ -71,14 +69,14 @@ def test_short_prompt_prefill_in_inference_mode_then_decode():
     cfg = ModelConfig.preset("tiny-hybrid")
     model = _inference(CausalLM(cfg, rngs=nnx.Rngs(1)))
     tokens = _tokens(2, 40, cfg.vocab_size)
-    assert _rel(_decode_all(model, tokens, 21), _forward(model, tokens)) < DECODE_TOL
+    assert rel_err(_decode_all(model, tokens, 21), _forward(model, tokens)) < DECODE_TOL
 
 
 def test_prefill_of_one_token_then_decode():
     cfg = ModelConfig.preset("tiny-hybrid")
     model = _inference(CausalLM(cfg, rngs=nnx.Rngs(2)))
     tokens = _tokens(1, 12, cfg.vocab_size, seed=3)
-    assert _rel(_decode_all(model, tokens, 1), _forward(model, tokens)) < DECODE_TOL
+    assert rel_err(_decode_all(model, tokens, 1), _forward(model, tokens)) < DECODE_TOL
 
 
 def test_greedy_generate_equals_argmax_of_full_forward():

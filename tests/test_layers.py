@@ -1,10 +1,7 @@
-"""The GatedDeltaRule2 layer: fla's PyTorch GatedDeltaNet2 cross-check (CPU), causality, the
-kernel switch for short inference inputs, initialization, each gate_mode's reduction, bad configs.
-
-On CPU fla's layer runs with its Triton-only pieces replaced by their PyTorch references:
-`chunk_gdn2` / `fused_recurrent_gdn2` by `naive_recurrent_gdn2` (with fla's in-kernel q/k L2 norm),
-`ShortConvolution` by a grouped `F.conv1d` + SiLU, and `FusedRMSNormGated` by a float32 RMSNorm
-times the gate. `tests/test_layers_gpu.py` runs fla's real kernels on a GPU.
+"""The GatedDeltaRule2 layer: fla's PyTorch GatedDeltaNet2 cross-check (CPU, see
+`testing.fla_on_cpu`), causality, which form of the op runs (the kernels in the traced program),
+initialization, each gate_mode's reduction, bad configs. `tests/test_layers_gpu.py` runs fla's
+real kernels on a GPU.
 """
 
 import math
@@ -14,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from testing import HIDDEN, jax_layer_from, kernel_names, make_fla_layer, rel_err
 
 from gdn2_jax.convert import layer_state_dict, load_layer_state_dict, to_torch
 from gdn2_jax.layers import GATE_MODES, GatedDeltaRule2
@@ -23,93 +21,11 @@ torch = pytest.importorskip("torch")
 fla_gdn2 = pytest.importorskip("fla.layers.gdn2")
 
 # float32 end to end: fla's naive recurrence vs the chunkwise WY form (and the scan reference)
-# differ by float32 rounding accumulated over ~100 tokens; 1e-4 is the issue's bound.
+# differ by float32 rounding accumulated over ~100 tokens, well under 1e-4.
 FLA_TOL = 1e-4
-HIDDEN = 48
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
-# ---------------------------------------------------------------------------------------------
-# fla's layer on CPU
-
-
-def _torch_op(q, k, v, g, b, w, *, initial_state=None, output_final_state=False,
-              use_qk_l2norm_in_kernel=False, cu_seqlens=None, **kwargs):  # fmt: skip
-    """`chunk_gdn2` / `fused_recurrent_gdn2` through fla's PyTorch reference recurrence."""
-    from fla.ops.gdn2.naive import naive_recurrent_gdn2
-
-    assert cu_seqlens is None and not kwargs, kwargs
-    if use_qk_l2norm_in_kernel:  # fla's l2norm: x · rsqrt(Σx² + 1e-6), in float32
-        q, k = (x * torch.rsqrt(x.float().pow(2).sum(-1, keepdim=True) + 1e-6) for x in (q, k))
-    return naive_recurrent_gdn2(
-        q, k, v, g, b, w, initial_state=initial_state, output_final_state=output_final_state
-    )
-
-
-def _conv_forward(self, x, residual=None, mask=None, cache=None, output_final_state=False,
-                  cu_seqlens=None, **kwargs):  # fmt: skip
-    """fla's ShortConvolution without Triton: causal depthwise conv + SiLU, no cache."""
-    assert residual is None and mask is None and cache is None and cu_seqlens is None
-    W, T = self.kernel_size[0], x.shape[1]
-    y = torch.nn.functional.conv1d(
-        x.transpose(1, 2), self.weight, self.bias, padding=W - 1, groups=self.hidden_size
-    )[..., :T]
-    return torch.nn.functional.silu(y).transpose(1, 2), None
-
-
-def _norm_forward(self, x, g, residual=None, prenorm=False, residual_in_fp32=False):
-    """fla's FusedRMSNormGated without Triton: RMSNorm(x) · weight · act(g) in float32."""
-    assert residual is None and not prenorm
-    x32, g32 = x.float(), g.float()
-    y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
-    gate = torch.sigmoid(g32) if self.activation == "sigmoid" else torch.nn.functional.silu(g32)
-    return (y * gate).to(x.dtype)
-
-
-@pytest.fixture
-def fla_on_cpu(monkeypatch):
-    """fla's GatedDeltaNet2 class, patched to run on CPU with PyTorch references."""
-    from fla.modules import FusedRMSNormGated, ShortConvolution
-
-    monkeypatch.setattr(fla_gdn2, "chunk_gdn2", _torch_op)
-    monkeypatch.setattr(fla_gdn2, "fused_recurrent_gdn2", _torch_op)
-    monkeypatch.setattr(ShortConvolution, "forward", _conv_forward)
-    monkeypatch.setattr(FusedRMSNormGated, "forward", _norm_forward)
-    return fla_gdn2.GatedDeltaNet2
-
-
-def make_fla_layer(cls, *, seed=0, output_gate="sigmoid", device="cpu", **kwargs):
-    """A random fla GatedDeltaNet2 (every parameter perturbed, so zero-initialized biases and
-    unit norm weights are exercised too) and the matching kwargs for GatedDeltaRule2."""
-    torch.manual_seed(seed)
-    layer = cls(hidden_size=HIDDEN, **kwargs)
-    with torch.no_grad():
-        for name, p in layer.named_parameters():
-            if name not in ("A_log", "dt_bias"):
-                p.add_(0.1 * torch.randn_like(p))
-    if output_gate == "silu":  # NVIDIA's layer: FusedRMSNormSwishGate
-        layer.o_norm.activation = "swish"
-    return layer.to(device).eval()
-
-
-def jax_layer_from(fla_layer, *, output_gate="sigmoid", **kwargs):
-    layer = GatedDeltaRule2(
-        HIDDEN,
-        fla_layer.num_heads,
-        fla_layer.head_dim,
-        expand_v=fla_layer.expand_v,
-        num_v_heads=fla_layer.num_v_heads,
-        allow_neg_eigval=fla_layer.allow_neg_eigval,
-        output_gate=output_gate,
-        norm_eps=fla_layer.o_norm.eps,
-        rngs=nnx.Rngs(123),
-        **kwargs,
-    )
-    return load_layer_state_dict(layer, fla_layer.state_dict())
+# Names of the Pallas kernels each form of the op runs (interpret mode on CPU).
+CHUNK_KERNEL = "gdn2_chunk_fwd_intra"
+SERIAL_KERNEL = "gdn2_recurrent_fwd"
 
 
 @nnx.jit
@@ -190,24 +106,59 @@ def test_causal_gradient_is_exactly_zero(mode):
 
 
 def test_recurrent_mode_equals_chunk_mode():
+    """Two different computations (the token-serial scan, the chunkwise XLA form) agree, forward
+    and input gradient."""
     x = _x(B=2, T=70)
-    y_chunk = _layer(seed=3)(x)
-    y_rec = _layer(seed=3, mode="recurrent")(x)
-    assert rel_err(y_rec, y_chunk) < 1e-5
+    chunk, serial = _layer(seed=3), _layer(seed=3, mode="recurrent")
+    cot = jax.random.normal(jax.random.key(9), x.shape)
+    y_chunk, dx_chunk = _forward_and_input_grad(chunk, x, cot)
+    y_rec, dx_rec = _forward_and_input_grad(serial, x, cot)
+    assert kernel_names(lambda x: serial(x), x) == {}, "scan and xla run no Pallas kernel"
+    # float32, the same math summed in another order over 70 tokens.
+    assert 0.0 < rel_err(y_rec, y_chunk) < 1e-5, "different paths, float32 agreement"
+    assert rel_err(dx_rec, dx_chunk) < 1e-5
 
 
-def test_short_inference_inputs_use_the_recurrent_kernel():
-    layer = _layer()
-    serial = {"recurrent": True, "backend": "auto"}  # the Pallas decoding kernel on a GPU
-    chunk = {"backend": "auto", "chunk_size": 64}
-    assert layer._op_kwargs(SHORT_INPUT_LEN) == chunk  # training: always the chunk kernel
+def _kernels(layer, T, *, step=False):
+    """The Pallas kernels the layer's forward (or decoding step) runs on a [2, T] input."""
+    if step:
+        cache = layer.init_cache(2)
+        return kernel_names(lambda x: layer.step(x, cache), _x(B=2, T=1)[:, 0])
+    return kernel_names(lambda x: layer(x), _x(B=2, T=T))
+
+
+def test_each_form_runs_its_kernel():
+    """Training always runs the chunk kernels; inference inputs of at most SHORT_INPUT_LEN tokens,
+    mode="recurrent" and the decoding step run the token-serial kernel, and nothing else."""
+    layer = _layer(interpret=True)
+    assert _kernels(layer, SHORT_INPUT_LEN)[CHUNK_KERNEL] == 1
+    assert SERIAL_KERNEL not in _kernels(layer, 1)
     layer.eval()
-    assert layer._op_kwargs(SHORT_INPUT_LEN) == serial
-    assert layer._op_kwargs(SHORT_INPUT_LEN + 1) == chunk
-    layer.train()
-    assert layer._op_kwargs(1) == chunk
-    assert _layer(mode="recurrent")._op_kwargs(10_000) == serial
-    assert _layer(backend="xla", mode="recurrent")._op_kwargs(1)["backend"] == "scan"
+    assert _kernels(layer, SHORT_INPUT_LEN) == {SERIAL_KERNEL: 1}
+    assert _kernels(layer, SHORT_INPUT_LEN + 1)[CHUNK_KERNEL] == 1
+    assert _kernels(layer, 1, step=True) == {SERIAL_KERNEL: 1}
+    recurrent = _layer(mode="recurrent", interpret=True)
+    assert _kernels(recurrent, 3 * SHORT_INPUT_LEN) == {SERIAL_KERNEL: 1}
+
+
+def test_each_form_takes_its_own_backend():
+    layer = _layer(backend="pallas", recurrent_backend="scan", interpret=True)
+    layer.eval()
+    assert _kernels(layer, SHORT_INPUT_LEN) == {}
+    assert _kernels(layer, 1, step=True) == {}
+    assert _kernels(layer, SHORT_INPUT_LEN + 1)[CHUNK_KERNEL] == 1
+    serial_only = _layer(backend="xla", recurrent_backend="pallas", interpret=True)
+    assert _kernels(serial_only, SHORT_INPUT_LEN) == {}
+    assert _kernels(serial_only, 1, step=True) == {SERIAL_KERNEL: 1}
+
+
+def test_pallas_without_interpret_off_a_gpu_is_an_error():
+    if jax.default_backend() == "gpu":
+        pytest.skip("on a GPU the kernels compile")
+    with pytest.raises(NotImplementedError, match="interpret=True"):
+        _layer(backend="pallas")(_x())
+    with pytest.raises(NotImplementedError, match="interpret=True"):
+        _layer(recurrent_backend="pallas", mode="recurrent")(_x())
 
 
 def test_decay_init_matches_the_reference():

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_layers import HIDDEN, jax_layer_from, make_fla_layer, rel_err
+from testing import HIDDEN, jax_layer_from, make_fla_layer, rel_err
 
 torch = pytest.importorskip("torch")
 fla_gdn2 = pytest.importorskip("fla.layers.gdn2")

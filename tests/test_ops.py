@@ -35,14 +35,6 @@ def test_step_equals_recurrence():
     assert rel_err(S, S_ref) <= 1e-6
 
 
-def test_auto_backend_is_xla_on_cpu_and_matches():
-    x = make_inputs(21, Shape(T=50))
-    args = [jnp.asarray(x[n]) for n in NAMES[:6]]
-    o_auto, _ = gated_delta_rule2(*args)
-    o_xla, _ = gated_delta_rule2(*args, backend="xla")
-    assert jax.default_backend() != "cpu" or np.array_equal(o_auto, o_xla)
-
-
 def test_unknown_backend_raises():
     x = make_inputs(22, Shape(T=8))
     with pytest.raises(ValueError, match="backend"):

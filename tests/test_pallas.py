@@ -24,6 +24,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 class TestPallasBackend(OpBackendTests):
     backend = "pallas"
+    interpret = True
 
 
 def fla_recurrent(x, lo=None, hi=None, h0=None):
@@ -37,7 +38,8 @@ def fla_recurrent(x, lo=None, hi=None, h0=None):
 def test_recurrent_kernel_matches_fla(dims):
     K, V = dims
     x = make_inputs(40, Shape(B=2, T=21, H=2, K=K, V=V), extreme=True)
-    o, S = recurrent(*(jnp.asarray(x[n]) for n in NAMES[:6]), jnp.asarray(x["initial_state"]))
+    args = [jnp.asarray(x[n]) for n in NAMES[:6]]
+    o, S = recurrent(*args, jnp.asarray(x["initial_state"]), interpret=True)
     o_ref, S_ref = fla_recurrent(x)
     # float32 against float32, the same token order: a few ulps per step.
     assert rel_err(o, o_ref) <= 1e-5 and rel_err(S, S_ref) <= 1e-5
@@ -49,7 +51,7 @@ def test_recurrent_kernel_packed_sequences():
     h0 = make_inputs(42, Shape(B=3, T=1, H=2, K=16, V=32))["initial_state"]
     cfg = RecurrentConfig(block_v=16, launch=Launch(num_warps=2))
     args = [jnp.asarray(x[n]) for n in NAMES[:6]]
-    o, S = recurrent(*args, jnp.asarray(h0), cu_seqlens=jnp.asarray(cu), cfg=cfg)
+    o, S = recurrent(*args, jnp.asarray(h0), cu_seqlens=jnp.asarray(cu), cfg=cfg, interpret=True)
     assert rel_err(S[1], h0[1]) == 0.0, "an empty sequence keeps its initial state"
     for n, (lo, hi) in enumerate([(0, 9), (9, 30)]):
         slot = 2 * n
@@ -61,7 +63,7 @@ def test_recurrent_kernel_packed_sequences():
 def test_recurrent_kernel_bfloat16_output_dtype():
     x = make_inputs(43, Shape(B=1, T=8, H=1, K=16, V=16))
     args = [jnp.asarray(x[n], jnp.float32 if n == "g" else jnp.bfloat16) for n in NAMES[:6]]
-    o, S = recurrent(*args, jnp.asarray(x["initial_state"]))
+    o, S = recurrent(*args, jnp.asarray(x["initial_state"]), interpret=True)
     o_ref, S_ref = fla_recurrent(x)
     assert o.dtype == jnp.bfloat16 and S.dtype == jnp.float32
     # bf16 inputs and output (8 mantissa bits); the state itself stays float32.
@@ -91,7 +93,7 @@ def test_chunk_core_under_other_tiles_matches_xla_core():
         out, vjp = jax.vjp(lambda *a: core(*a, seg, 0.3, 64), *args, h0s)
         return (*out, *vjp(cot))
 
-    ours = run(lambda *a: pallas_chunk_core(*a, cfg))
+    ours = run(lambda *a: pallas_chunk_core(*a, cfg, True))
     reference = run(xla_chunk_core)
     for n, (a, b) in enumerate(zip(ours, reference, strict=True)):
         # finals and dh0s: slot 1 is the unused zero slot.
@@ -112,7 +114,9 @@ def test_recurrent_entry_point_runs_the_kernel_with_the_scans_gradient(packed):
 
     def run(backend):
         def loss(*a):
-            o, S = gated_delta_rule2_recurrent(*a[:6], initial_state=a[6], backend=backend, **kw)
+            o, S = gated_delta_rule2_recurrent(
+                *a[:6], initial_state=a[6], backend=backend, interpret=True, **kw
+            )
             return jnp.sum(o * o) + jnp.sum(jnp.sin(S)), (o, S)
 
         grads, out = jax.grad(loss, argnums=tuple(range(7)), has_aux=True)(*args, h0)
@@ -126,7 +130,7 @@ def test_step_on_the_kernel_matches_the_reference_step():
     x = make_inputs(47, Shape(B=2, T=1, H=2, K=32, V=16), extreme=True)
     token = [jnp.asarray(x[n])[:, 0] for n in NAMES[:6]]
     state = jnp.asarray(x["initial_state"])
-    o, S = gated_delta_rule2_step(*token, state, backend="pallas")
+    o, S = gated_delta_rule2_step(*token, state, backend="pallas", interpret=True)
     o_ref, S_ref = gated_delta_rule2_step(*token, state, backend="scan")
     assert o.shape == o_ref.shape and S.shape == S_ref.shape
     assert rel_err(o, o_ref) <= 1e-5 and rel_err(S, S_ref) <= 1e-5

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
+from testing import kernel_names
 from train_testing import (
     DEFAULT_CONFIG,
     ROOT,
@@ -25,6 +26,8 @@ from train_testing import (
 
 from gdn2_jax import data, ops, sharding, trainer
 from gdn2_jax.config import MeshConfig
+from gdn2_jax.layers import GatedDeltaRule2
+from gdn2_jax.ops import sharded
 
 MESH_2x2x2 = ("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
 
@@ -87,8 +90,47 @@ def _op_under_mesh_error() -> float:
     want_o, want_s = ops.gated_delta_rule2(*args, **kw)
     mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
     with jax.set_mesh(mesh):
-        got_o, got_s = jax.jit(lambda *a: sharding.gated_delta_rule2(*a, **kw))(*args)
+        got_o, got_s = jax.jit(lambda *a: sharded.gated_delta_rule2(*a, **kw))(*args)
     return float(max(np.abs(got_o - want_o).max(), np.abs(got_s - want_s).max()))
+
+
+def _layer_kernels_under_mesh() -> dict:
+    """Child (8 CPU devices): the layer's chunk, token-serial and decoding-step paths under a
+    2x2x2 mesh, the kernels each traced program runs inside shard_map, and the largest
+    difference from the same layer without a mesh."""
+    train = GatedDeltaRule2(32, 4, 16, interpret=True, rngs=nnx.Rngs(0))
+    infer = GatedDeltaRule2(32, 4, 16, interpret=True, rngs=nnx.Rngs(0))
+    infer.eval()
+    x = jax.random.normal(jax.random.key(2), (4, 70, 32))
+    cache = infer.init_cache(4)
+    programs = {
+        "chunk": lambda x: train(x),
+        "short_eval": lambda x: infer(x[:, :20]),
+        "step": lambda x: infer.step(x[:, 0], cache)[0],
+    }
+    plain = {name: fn(x) for name, fn in programs.items()}
+    out = {}
+    with jax.set_mesh(sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))):
+        for name, fn in programs.items():
+            out[name] = {
+                "kernels": dict(kernel_names(fn, x)),
+                "shard_map": "shard_map" in str(jax.make_jaxpr(fn)(x)),
+                "error": float(np.abs(jax.jit(fn)(x) - plain[name]).max()),
+            }
+    return out
+
+
+def test_layer_paths_run_their_kernels_per_shard():
+    child = run_python([__file__, "layer-under-mesh"], num_cpu_devices=8)
+    assert child.returncode == 0, child.stderr[-3000:]
+    r = json.loads(child.stdout.strip().splitlines()[-1])
+    assert r["chunk"]["kernels"] == {"gdn2_chunk_fwd_intra": 1, "gdn2_chunk_fwd_state": 1}
+    assert r["short_eval"]["kernels"] == {"gdn2_recurrent_fwd": 1}
+    assert r["step"]["kernels"] == {"gdn2_recurrent_fwd": 1}
+    for name, result in r.items():
+        assert result["shard_map"], f"{name}: the op must run per shard"
+        # float32; sharding splits batch and heads, which never mix in the recurrence.
+        assert result["error"] < 1e-5, name
 
 
 def test_sharded_step_equals_single_device():
@@ -150,3 +192,5 @@ def test_two_processes_with_jax_distributed(tmp_path):
 if __name__ == "__main__":
     if sys.argv[1] == "sharded-vs-single":
         print(json.dumps(_sharded_vs_single()))
+    if sys.argv[1] == "layer-under-mesh":
+        print(json.dumps(_layer_kernels_under_mesh()))

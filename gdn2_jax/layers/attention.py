@@ -8,8 +8,7 @@ from flax import nnx
 
 from gdn2_jax.layers.init import dense, torch_linear_init
 from gdn2_jax.layers.rope import apply_rope
-
-IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+from gdn2_jax.options import ATTENTION_IMPLEMENTATIONS
 
 
 class KVCache(NamedTuple):
@@ -140,5 +139,7 @@ def _check_config(num_heads, num_kv_heads, head_dim, window_size, implementation
         raise ValueError(f"num_kv_heads={num_kv_heads} must divide num_heads={num_heads}")
     if window_size is not None and window_size < 1:
         raise ValueError(f"window_size must be >= 1 or None, got {window_size}")
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(
+            f"implementation must be one of {ATTENTION_IMPLEMENTATIONS}, got {implementation!r}"
+        )

@@ -11,23 +11,24 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gdn2_jax import sharding
 from gdn2_jax.layers.conv import ShortConvolution
 from gdn2_jax.layers.init import GDN2_LINEAR_INIT, dense, partitioned
-from gdn2_jax.layers.norm import OUTPUT_GATES, GatedRMSNorm
-from gdn2_jax.ops import BACKENDS, gated_delta_rule2_step
+from gdn2_jax.layers.norm import GatedRMSNorm
+from gdn2_jax.ops import sharded
+from gdn2_jax.options import (
+    CHUNK_BACKENDS,
+    GATE_MODES,
+    LAYER_MODES,
+    OUTPUT_GATES,
+    RECURRENT_BACKENDS,
+    TIED_GATE_MODES,
+)
 
-GATE_MODES = ("gdn2", "kda", "b_only", "w_only", "gdn")
-# Modes whose erase and write gates are one tied β per value head.
-TIED_MODES = ("kda", "gdn")
-MODES = ("chunk", "recurrent")
 # Inference inputs this short run token-serially, as fla's layer does: no chunk padding to pay.
 SHORT_INPUT_LEN = 64
-# The token-serial op's backend for each layer backend ("auto": the Pallas kernel on a GPU).
-RECURRENT_BACKEND = {"auto": "auto", "pallas": "pallas", "xla": "scan", "scan": "scan"}
 # Log-decay written at the first token of each packed document: exp(−80) ≈ 2e−35 wipes the state
-# to far below float32 resolution, and the op is exact for any g ≤ 0 (DESIGN.md §1), so one
-# kernel call serves any batch of packed rows without a per-row segment count.
+# to far below float32 resolution, and the op is exact for any g ≤ 0 (no exp of its decays ever
+# sees a positive argument), so one kernel call serves packed rows without a per-row count.
 RESET_LOG_DECAY = -80.0
 A_INIT_RANGE = (1.0, 16.0)
 DT_INIT_RANGE = (1e-3, 1e-1)
@@ -69,8 +70,8 @@ def _check_config(hidden_size, num_heads, head_dim, expand_v, num_v_heads, **cho
         )
     if num_v_heads < num_heads or num_v_heads % num_heads:
         raise ValueError(f"num_v_heads={num_v_heads} must be a multiple of num_heads={num_heads}")
-    allowed = {"output_gate": OUTPUT_GATES, "mode": MODES, "gate_mode": GATE_MODES}
-    allowed["backend"] = BACKENDS
+    allowed = {"output_gate": OUTPUT_GATES, "mode": LAYER_MODES, "gate_mode": GATE_MODES}
+    allowed |= {"backend": CHUNK_BACKENDS, "recurrent_backend": RECURRENT_BACKENDS}
     for name, value in choices.items():
         if value not in allowed[name]:
             raise ValueError(f"{name} must be one of {allowed[name]}, got {value!r}")
@@ -96,8 +97,12 @@ class GatedDeltaRule2(nnx.Module):
     which is both gates), "gdn" (Gated DeltaNet: kda's β and one log-decay per head, the channel
     mean of the decay branch, so its parameters are kda's). With `num_v_heads > num_heads` the
     key-side q, k, g, b are repeated over each group of value heads. After `.eval()`
-    (deterministic) inputs of at most 64 tokens use the recurrent backend; `mode="recurrent"`
-    always does.
+    (deterministic) inputs of at most 64 tokens run the op's token-serial form, as does
+    `mode="recurrent"` always, and so does the decoding `step`.
+
+    `backend` names the chunk form's implementation and `recurrent_backend` the token-serial
+    form's (see `gdn2_jax.ops.registry`; "auto" takes the first that supports the inputs);
+    `interpret=True` runs Pallas kernels in interpret mode (tests off a GPU).
     """
 
     def __init__(
@@ -115,7 +120,9 @@ class GatedDeltaRule2(nnx.Module):
         mode: str = "chunk",
         gate_mode: str = "gdn2",
         backend: str = "auto",
+        recurrent_backend: str = "auto",
         chunk_size: int = 64,
+        interpret: bool = False,
         dtype=None,
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
@@ -124,12 +131,14 @@ class GatedDeltaRule2(nnx.Module):
         self.head_v_dim = _check_config(
             hidden_size, num_heads, head_dim, expand_v, num_v_heads,
             output_gate=output_gate, mode=mode, gate_mode=gate_mode, backend=backend,
+            recurrent_backend=recurrent_backend,
         )  # fmt: skip
         self.hidden_size, self.num_heads, self.head_dim = hidden_size, num_heads, head_dim
         self.num_v_heads = num_v_heads
         self.key_dim, self.value_dim = num_heads * head_dim, num_v_heads * self.head_v_dim
         self.allow_neg_eigval, self.mode, self.gate_mode = allow_neg_eigval, mode, gate_mode
-        self.backend, self.chunk_size, self.dtype = backend, chunk_size, dtype
+        self.backend, self.recurrent_backend = backend, recurrent_backend
+        self.chunk_size, self.interpret, self.dtype = chunk_size, interpret, dtype
         self.deterministic = False
         self._build(conv_size, output_gate, norm_eps, param_dtype, rngs)
 
@@ -146,7 +155,7 @@ class GatedDeltaRule2(nnx.Module):
         self.f_proj = nnx.Sequential(
             dense(D, Vh, ("embed", None), **kw), dense(Vh, Kd, (None, "heads"), **kw)
         )
-        if self.gate_mode in TIED_MODES:
+        if self.gate_mode in TIED_GATE_MODES:
             self.b_proj = dense(D, self.num_v_heads, ("embed", None), **kw)
             self.w_proj = None
         else:
@@ -192,7 +201,7 @@ class GatedDeltaRule2(nnx.Module):
         dtype = self.dtype or x.dtype
         K, V = self.head_dim, self.head_v_dim
         scale = 2.0 if self.allow_neg_eigval else 1.0
-        if self.gate_mode in TIED_MODES:
+        if self.gate_mode in TIED_GATE_MODES:
             beta = scale * jax.nn.sigmoid(self.b_proj(x).astype(jnp.float32))[..., None]
             lead = beta.shape[:-1]
             b, w = jnp.broadcast_to(beta, (*lead, K)), jnp.broadcast_to(beta, (*lead, V))
@@ -216,11 +225,30 @@ class GatedDeltaRule2(nnx.Module):
         o = self.o_norm(o, self._split(self.g_proj(x), self.head_v_dim))
         return self.o_proj(o.reshape(*o.shape[:-2], self.value_dim))
 
-    def _op_kwargs(self, T: int) -> dict:
-        """Token-serial for mode="recurrent" and short inference inputs, else the chunk path."""
-        if self.mode == "recurrent" or (self.deterministic and T <= SHORT_INPUT_LEN):
-            return {"recurrent": True, "backend": RECURRENT_BACKEND[self.backend]}
-        return {"backend": self.backend, "chunk_size": self.chunk_size}
+    def runs_token_serial(self, T: int) -> bool:
+        """mode="recurrent", and inference inputs of at most SHORT_INPUT_LEN tokens."""
+        return self.mode == "recurrent" or (self.deterministic and T <= SHORT_INPUT_LEN)
+
+    def _rule(self, q, k, v, g, b, w, *, initial_state, output_final_state):
+        """The op's token-serial or chunk form, per shard of the active mesh."""
+        if self.runs_token_serial(q.shape[1]):
+            return sharded.gated_delta_rule2_recurrent(
+                q, k, v, g, b, w,
+                initial_state=initial_state,
+                output_final_state=output_final_state,
+                use_qk_l2norm=True,
+                backend=self.recurrent_backend,
+                interpret=self.interpret,
+            )  # fmt: skip
+        return sharded.gated_delta_rule2(
+            q, k, v, g, b, w,
+            initial_state=initial_state,
+            output_final_state=output_final_state,
+            use_qk_l2norm=True,
+            backend=self.backend,
+            chunk_size=self.chunk_size,
+            interpret=self.interpret,
+        )  # fmt: skip
 
     def init_cache(self, batch_size: int, dtype=None) -> GDN2Cache:
         """An empty cache: zero conv history and zero state."""
@@ -239,7 +267,7 @@ class GatedDeltaRule2(nnx.Module):
         return y
 
     def prefill(self, x, *, cache: GDN2Cache | None = None):
-        """Chunk path from `cache` (or zeros): x [B, T, hidden] -> (y, cache after it)."""
+        """The sequence from `cache` (or zeros): x [B, T, hidden] -> (y, cache after it)."""
         return self._sequence(x, segment_ids=None, cache=cache or self.init_cache(x.shape[0]))
 
     def _sequence(self, x, *, segment_ids, cache):
@@ -251,13 +279,10 @@ class GatedDeltaRule2(nnx.Module):
         g, b, w = self.gates(x)
         if segment_ids is not None:
             g = jnp.where(_segment_starts(segment_ids)[..., None, None], RESET_LOG_DECAY, g)
-        # Under a mesh the op runs per shard (batch x heads): its Pallas kernels cannot be split.
-        o, S = sharding.gated_delta_rule2(
+        o, S = self._rule(
             q, k, v, g, b, w,
             initial_state=None if cache is None else cache.S,
             output_final_state=cache is not None,
-            use_qk_l2norm=True,
-            **self._op_kwargs(x.shape[1]),
         )  # fmt: skip
         new_cache = None if cache is None else GDN2Cache(cq, ck, cv, S)
         return self._output(o, x), new_cache
@@ -269,7 +294,10 @@ class GatedDeltaRule2(nnx.Module):
         v, cv = self.v_conv1d.step(self.v_proj(x_t), cache.conv_v)
         q, k, v = self._qkv(q, k, v)
         g, b, w = self.gates(x_t)
-        o, S = gated_delta_rule2_step(
-            q, k, v, g, b, w, cache.S, use_qk_l2norm=True, backend=RECURRENT_BACKEND[self.backend]
-        )
+        o, S = sharded.gated_delta_rule2_step(
+            q, k, v, g, b, w, cache.S,
+            use_qk_l2norm=True,
+            backend=self.recurrent_backend,
+            interpret=self.interpret,
+        )  # fmt: skip
         return self._output(o, x_t), GDN2Cache(cq, ck, cv, S)

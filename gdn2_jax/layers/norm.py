@@ -5,8 +5,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gdn2_jax.layers.init import LogicalAxes, partitioned
-
-OUTPUT_GATES = ("silu", "sigmoid")
+from gdn2_jax.options import OUTPUT_GATES
 
 
 def rms_normalize(x, weight, eps: float):

@@ -1,4 +1,8 @@
-"""The Gated Delta Rule-2 op: reference recurrence, chunkwise WY algorithm, tied-gate baselines."""
+"""The Gated Delta Rule-2 op: reference recurrence, chunkwise WY algorithm, tied-gate baselines.
+
+`gdn2_jax.ops.registry` holds the named implementations of each form and how "auto" picks one;
+`gdn2_jax.ops.sharded` runs the same entry points per shard under a mesh.
+"""
 
 from gdn2_jax.ops.api import (
     BACKENDS,

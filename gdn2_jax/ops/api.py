@@ -3,28 +3,18 @@ baselines (KDA, Gated DeltaNet) on the same code path."""
 
 import jax.numpy as jnp
 
-from gdn2_jax.ops import core
+from gdn2_jax.ops import core, registry
 from gdn2_jax.ops.checks import check_inputs
 from gdn2_jax.ops.layout import (
     Segments,
     accum_dtype,
-    dense_segments,
-    packed_segments,
     stack_initial_states,
     unstack_final_states,
 )
 from gdn2_jax.ops.reference import l2norm, step_update
 
-BACKENDS = ("auto", "pallas", "xla", "scan")
-RECURRENT_BACKENDS = ("auto", "pallas", "scan")
-
-
-def _resolve_recurrent(backend):
-    if backend not in RECURRENT_BACKENDS:
-        raise ValueError(f"backend must be one of {RECURRENT_BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "pallas" if core.default_backend() == "pallas" else "scan"
-    return backend
+BACKENDS = registry.CHUNK.names
+RECURRENT_BACKENDS = registry.RECURRENT.names
 
 
 def _prepare(q, k, v, g, b, w, scale, initial_state, cu_seqlens, use_qk_l2norm):
@@ -59,56 +49,25 @@ def gated_delta_rule2_recurrent(
     output_final_state=False,
     cu_seqlens=None,
     use_qk_l2norm=False,
-    backend="scan",
+    backend="auto",
+    interpret=False,
 ):
     """Token-by-token recurrence; arguments and results as `gated_delta_rule2`.
 
     backend: "scan" (the `jax.lax.scan` reference that defines the op's semantics), "pallas" (the
     token-serial GPU kernel for decoding and short prefills; its gradient is the scan's VJP) or
-    "auto" (pallas on a GPU, scan elsewhere).
+    "auto" (the first of pallas, scan that supports the inputs; see `gdn2_jax.ops.registry`).
+    interpret: run the Pallas kernel in Pallas interpret mode (any platform, for tests).
     """
-    backend = _resolve_recurrent(backend)
+    registry.RECURRENT.check_name(backend)
     dtype = v.dtype
     q, k, g, scale, h0s, packed = _prepare(
         q, k, v, g, b, w, scale, initial_state, cu_seqlens, use_qk_l2norm
     )
-    run = core.pallas_recurrent if backend == "pallas" else core.scan_recurrent
-    o, finals = run(q, k, v, g, b, w, h0s, cu_seqlens, scale)
+    request = registry.Request.of(q, k, v, b, w, chunk_size=None, interpret=interpret)
+    impl = registry.RECURRENT.select(backend, request)
+    o, finals = impl.run(q, k, v, g, b, w, h0s, cu_seqlens, scale, interpret)
     return _finish(o, finals, dtype, packed, initial_state, cu_seqlens, output_final_state)
-
-
-def _chunk_layout(xs, cu_seqlens, chunk_size):
-    """Pads (dense) or re-aligns (packed) the token axis so every sequence starts a chunk.
-
-    Returns the padded arrays, the chunk segments, and a function mapping padded outputs back.
-    """
-    T = xs[0].shape[1]
-    if cu_seqlens is None:
-        num_chunks = -(-T // chunk_size)
-        pad = num_chunks * chunk_size - T
-        padded = [jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in xs]
-        return padded, dense_segments(num_chunks), lambda o: o[:, :T]
-
-    n = cu_seqlens.shape[0] - 1
-    cu = cu_seqlens.astype(jnp.int32)
-    chunks_per_seq = -(-jnp.diff(cu) // chunk_size)
-    chunk_bounds = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(chunks_per_seq)])
-    # Each sequence wastes under one chunk of padding, so this bound is static and sufficient.
-    num_chunks = -(-(T + n * (chunk_size - 1)) // chunk_size)
-    token = jnp.arange(T)
-    seq = jnp.clip(jnp.searchsorted(cu[1:], token, side="right"), 0, n - 1)
-    dest = chunk_bounds[seq] * chunk_size + token - cu[seq]
-    Tp = num_chunks * chunk_size
-    padded = [jnp.zeros((1, Tp, *x.shape[2:]), x.dtype).at[:, dest].set(x) for x in xs]
-    return padded, packed_segments(chunk_bounds, num_chunks), lambda o: o[:, dest]
-
-
-def _resolve_core(backend):
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        backend = core.default_backend()
-    return {"pallas": core.pallas_chunk_core, "xla": core.xla_chunk_core}.get(backend)
 
 
 def gated_delta_rule2(
@@ -126,6 +85,7 @@ def gated_delta_rule2(
     use_qk_l2norm=False,
     backend="auto",
     chunk_size=64,
+    interpret=False,
 ):
     """Gated Delta Rule-2 over a sequence.
 
@@ -139,49 +99,51 @@ def gated_delta_rule2(
         at every boundary. Equal neighbours (empty sequences) are allowed, so a fixed-size
         cu_seqlens can describe a varying number of documents.
       use_qk_l2norm: L2-normalize q and k per head inside the op.
-      backend: "auto" (pallas on GPU, xla elsewhere), "pallas", "xla" (chunkwise WY in plain JAX)
-        or "scan" (token-serial reference).
-      chunk_size: chunk length of the chunk backends (a power of two ≥ 16).
+      backend: "pallas" (the GPU kernels), "xla" (chunkwise WY in plain JAX), "scan" (the
+        token-serial reference) or "auto": the first of pallas, xla whose `supports` accepts the
+        inputs (platform, K and V, dtypes, chunk size). A backend named explicitly that cannot
+        run the inputs raises NotImplementedError saying why.
+      chunk_size: chunk length of the chunk backends (a power of two ≥ 16; the Pallas kernels
+        support 64).
+      interpret: run the Pallas kernels in Pallas interpret mode (any platform, for tests).
 
     Returns:
       o [B, T, H, V] in v's dtype, and the final state or None.
     """
-    core_fn = _resolve_core(backend)
-    if core_fn is None:
-        return gated_delta_rule2_recurrent(
-            q,
-            k,
-            v,
-            g,
-            b,
-            w,
-            scale=scale,
-            initial_state=initial_state,
-            output_final_state=output_final_state,
-            cu_seqlens=cu_seqlens,
-            use_qk_l2norm=use_qk_l2norm,
-        )
+    registry.CHUNK.check_name(backend)
     if chunk_size < 16 or chunk_size & (chunk_size - 1):
         raise ValueError(f"chunk_size must be a power of two >= 16, got {chunk_size}")
     dtype = v.dtype
     q, k, g, scale, h0s, packed = _prepare(
         q, k, v, g, b, w, scale, initial_state, cu_seqlens, use_qk_l2norm
     )
-    padded, segments, unpad = _chunk_layout((q, k, v, g, b, w), cu_seqlens, chunk_size)
-    o, finals = core_fn(*padded, h0s, segments, scale, chunk_size)
-    return _finish(unpad(o), finals, dtype, packed, initial_state, cu_seqlens, output_final_state)
+    request = registry.Request.of(q, k, v, b, w, chunk_size=chunk_size, interpret=interpret)
+    impl = registry.CHUNK.select(backend, request)
+    o, finals = impl.run(q, k, v, g, b, w, h0s, cu_seqlens, scale, chunk_size, interpret)
+    return _finish(o, finals, dtype, packed, initial_state, cu_seqlens, output_final_state)
 
 
 def gated_delta_rule2_step(
-    q_t, k_t, v_t, g_t, b_t, w_t, state, *, scale=None, use_qk_l2norm=False, backend="auto"
+    q_t,
+    k_t,
+    v_t,
+    g_t,
+    b_t,
+    w_t,
+    state,
+    *,
+    scale=None,
+    use_qk_l2norm=False,
+    backend="auto",
+    interpret=False,
 ):
     """One decoding step: q_t, k_t, g_t, b_t [B, H, K]; v_t, w_t [B, H, V]; state [B, H, K, V].
 
-    backend: "scan" (the reference update in jnp), "pallas" (the token-serial kernel, one fused
-    launch) or "auto" (pallas on a GPU, the jnp update elsewhere).
+    backend and interpret as `gated_delta_rule2_recurrent` ("pallas": the token-serial kernel,
+    one fused launch; "scan": the reference update in jnp).
     Returns o_t [B, H, V] in v_t's dtype and the new float32 state.
     """
-    backend = _resolve_recurrent(backend)
+    registry.RECURRENT.check_name(backend)
     check_inputs(
         q_t,
         k_t,
@@ -197,10 +159,11 @@ def gated_delta_rule2_step(
     if use_qk_l2norm:
         q_t, k_t = l2norm(q_t), l2norm(k_t)
     scale = q_t.shape[-1] ** -0.5 if scale is None else float(scale)
-    if backend == "pallas":
-        token = [x[:, None] for x in (q_t, k_t, v_t, g_t, b_t, w_t)]
+    request = registry.Request.of(q_t, k_t, v_t, b_t, w_t, chunk_size=None, interpret=interpret)
+    if registry.RECURRENT.select(backend, request).name == "pallas":
+        token = [x[:, None] for x in (q_t, k_t, v_t, g_t.astype(jnp.float32), b_t, w_t)]
         h0s = stack_initial_states(state, None, state.shape, False, jnp.float32)
-        o, finals = core.pallas_recurrent(*token, h0s, None, scale)
+        o, finals = core.pallas_recurrent(*token, h0s, None, scale, interpret)
         return o[:, 0].astype(v_t.dtype), finals[0]
     o_t, state = step_update(q_t, k_t, v_t, g_t, b_t, w_t, state.astype(accum_dtype(state)), scale)
     return o_t.astype(v_t.dtype), state

@@ -1,11 +1,16 @@
-"""The chunk cores behind `gated_delta_rule2`, one per named implementation.
+"""The implementations behind the op's two forms, each with one contract per form.
 
-A core takes the padded, chunk-aligned layout (see `gdn2_jax.ops.chunk`) and returns
-(o in q.dtype, finals [N+1, B, H, K, V] float32). It must be differentiable in q, k, v, g, b, w
-and h0s; chunk cores do that with a `jax.custom_vjp` whose backward recomputes per-chunk states.
+Both forms take validated inputs (q, k scaled and normalized as asked, g in float32) and the
+initial states stacked as h0s [N+1, B, H, K, V] (`layout.stack_initial_states`), and return
+(o, finals [N+1, B, H, K, V] float32):
 
-`pallas_recurrent` is the token-serial counterpart for decoding and short prefills: the Pallas
-kernel forward, the scan reference's VJP backward.
+    chunk form:         run(q, k, v, g, b, w, h0s, cu_seqlens, scale, chunk_size, interpret)
+    token-serial form:  run(q, k, v, g, b, w, h0s, cu_seqlens, scale, interpret)
+
+`interpret` only concerns the Pallas kernels (Pallas interpret mode, on any platform). Every
+implementation is differentiable in q, k, v, g, b, w and h0s: the chunk cores through a
+`jax.custom_vjp` whose backward recomputes per-chunk states, the Pallas token-serial kernel
+through the scan reference's VJP.
 """
 
 import functools
@@ -16,12 +21,13 @@ import jax.numpy as jnp
 
 from gdn2_jax.ops.chunk import chunk_forward
 from gdn2_jax.ops.chunk_bwd import chunk_backward
-from gdn2_jax.ops.layout import dense_segments, packed_segments
+from gdn2_jax.ops.layout import chunk_layout, dense_segments, packed_segments
 from gdn2_jax.ops.reference import recurrent
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9))
 def xla_chunk_core(q, k, v, g, b, w, h0s, segments, scale, chunk_size):
+    """The chunkwise WY algorithm in plain JAX on the padded, chunk-aligned layout."""
     o, finals = chunk_forward(q, k, v, g, b, w, h0s, segments, scale, chunk_size)
     return o.astype(q.dtype), finals
 
@@ -43,8 +49,7 @@ xla_chunk_core.defvjp(_xla_fwd, _xla_bwd)
 
 
 def _pallas_kernel(module, name):
-    """A kernel of `pallas_kernels`, imported on first use so that CPU-only installs never
-    import the GPU kernels."""
+    """A kernel of `pallas_kernels`, imported on first use so that the op never needs it."""
     try:
         return getattr(importlib.import_module(module), name)
     except ImportError as err:
@@ -53,48 +58,62 @@ def _pallas_kernel(module, name):
         ) from err
 
 
-def pallas_chunk_core(*args, **kwargs):
-    return _pallas_kernel("pallas_kernels", "chunk_core")(*args, **kwargs)
+def _on_chunks(padded_core, q, k, v, g, b, w, h0s, cu_seqlens, scale, chunk_size):
+    padded, segments, unpad = chunk_layout((q, k, v, g, b, w), cu_seqlens, chunk_size)
+    o, finals = padded_core(*padded, h0s, segments, scale, chunk_size)
+    return unpad(o), finals
 
 
-def scan_recurrent(q, k, v, g, b, w, h0s, cu_seqlens, scale):
+def xla_chunk(q, k, v, g, b, w, h0s, cu_seqlens, scale, chunk_size, interpret):
+    del interpret  # plain JAX
+    return _on_chunks(xla_chunk_core, q, k, v, g, b, w, h0s, cu_seqlens, scale, chunk_size)
+
+
+def pallas_chunk(q, k, v, g, b, w, h0s, cu_seqlens, scale, chunk_size, interpret):
+    core = functools.partial(_pallas_kernel("pallas_kernels", "chunk_core"), interpret=interpret)
+    return _on_chunks(core, q, k, v, g, b, w, h0s, cu_seqlens, scale, chunk_size)
+
+
+def scan_recurrent(q, k, v, g, b, w, h0s, cu_seqlens, scale, interpret=False):
     """`gdn2_jax.ops.reference.recurrent` with the segments given as cu_seqlens (None: one
-    sequence per batch row); the contract `pallas_recurrent` shares."""
+    sequence per batch row)."""
+    del interpret  # plain JAX
     T = q.shape[1]
     segments = dense_segments(T) if cu_seqlens is None else packed_segments(cu_seqlens, T)
     return recurrent(q, k, v, g, b, w, h0s, segments, scale)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
-def pallas_recurrent(q, k, v, g, b, w, h0s, cu_seqlens, scale):
-    """`scan_recurrent` on the Pallas token-serial kernel: h0s and finals [N+1, B, H, K, V]."""
+def scan_chunk(q, k, v, g, b, w, h0s, cu_seqlens, scale, chunk_size, interpret):
+    """The chunk form's "scan": the token-serial reference, which has no chunks."""
+    del chunk_size
+    return scan_recurrent(q, k, v, g, b, w, h0s, cu_seqlens, scale, interpret)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9))
+def pallas_recurrent(q, k, v, g, b, w, h0s, cu_seqlens, scale, interpret):
+    """`scan_recurrent` on the Pallas token-serial kernel."""
     packed = cu_seqlens is not None
     initial = h0s[:-1, 0] if packed else h0s[0]
-    o, final = _pallas_kernel("pallas_kernels.recurrent", "recurrent")(
-        q, k, v, g, b, w, initial, scale=scale, cu_seqlens=cu_seqlens
-    )  # fmt: skip
+    kernel = _pallas_kernel("pallas_kernels", "recurrent")
+    o, final = kernel(
+        q, k, v, g, b, w, initial, scale=scale, cu_seqlens=cu_seqlens, interpret=interpret
+    )
     final = final[:, None] if packed else final[None]
     return o, jnp.concatenate([final, jnp.zeros_like(final[:1])], axis=0)
 
 
-def _pallas_recurrent_fwd(q, k, v, g, b, w, h0s, cu_seqlens, scale):
-    out = pallas_recurrent(q, k, v, g, b, w, h0s, cu_seqlens, scale)
+def _pallas_recurrent_fwd(q, k, v, g, b, w, h0s, cu_seqlens, scale, interpret):
+    out = pallas_recurrent(q, k, v, g, b, w, h0s, cu_seqlens, scale, interpret)
     return out, (q, k, v, g, b, w, h0s, cu_seqlens)
 
 
-def _pallas_recurrent_bwd(scale, residuals, cotangents):
+def _pallas_recurrent_bwd(scale, interpret, residuals, cotangents):
+    del interpret
     *primals, cu_seqlens = residuals
     do, dfinals = cotangents
-    _, vjp = jax.vjp(
-        lambda *x: scan_recurrent(*x, cu_seqlens, scale), *primals
-    )  # fmt: skip
+    _, vjp = jax.vjp(lambda *x: scan_recurrent(*x, cu_seqlens, scale), *primals)
     grads = vjp((do.astype(jnp.float32), dfinals))
     return (*(d.astype(x.dtype) for d, x in zip(grads, primals, strict=True)), None)
 
 
 pallas_recurrent.defvjp(_pallas_recurrent_fwd, _pallas_recurrent_bwd)
-
-
-def default_backend():
-    """ "pallas" on a GPU, "xla" elsewhere."""
-    return "pallas" if jax.default_backend() == "gpu" else "xla"

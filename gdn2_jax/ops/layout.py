@@ -65,3 +65,29 @@ def unstack_final_states(finals, packed, initial_state, seq_lens):
         empty = (seq_lens == 0)[:, None, None, None]
         finals = jnp.where(empty, initial_state.astype(finals.dtype), finals)
     return finals
+
+
+def chunk_layout(xs, cu_seqlens, chunk_size):
+    """Pads (dense) or re-aligns (packed) the token axis so every sequence starts a chunk.
+
+    Returns the padded arrays, the chunk segments, and a function mapping padded outputs back.
+    """
+    T = xs[0].shape[1]
+    if cu_seqlens is None:
+        num_chunks = -(-T // chunk_size)
+        pad = num_chunks * chunk_size - T
+        padded = [jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in xs]
+        return padded, dense_segments(num_chunks), lambda o: o[:, :T]
+
+    n = cu_seqlens.shape[0] - 1
+    cu = cu_seqlens.astype(jnp.int32)
+    chunks_per_seq = -(-jnp.diff(cu) // chunk_size)
+    chunk_bounds = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(chunks_per_seq)])
+    # Each sequence wastes under one chunk of padding, so this bound is static and sufficient.
+    num_chunks = -(-(T + n * (chunk_size - 1)) // chunk_size)
+    token = jnp.arange(T)
+    seq = jnp.clip(jnp.searchsorted(cu[1:], token, side="right"), 0, n - 1)
+    dest = chunk_bounds[seq] * chunk_size + token - cu[seq]
+    Tp = num_chunks * chunk_size
+    padded = [jnp.zeros((1, Tp, *x.shape[2:]), x.dtype).at[:, dest].set(x) for x in xs]
+    return padded, packed_segments(chunk_bounds, num_chunks), lambda o: o[:, dest]
