@@ -125,12 +125,15 @@ def main():
     parser.add_argument("--backends", nargs="+", default=["scan", "xla"])
     parser.add_argument("--lengths", nargs="+", type=int, default=[63, 100, 130])
     parser.add_argument("--extreme", action="store_true", help="10%% of g in [-80, -20]")
+    parser.add_argument(
+        "--interpret", action="store_true", help="run the Pallas kernels in interpret mode (CPU)"
+    )
     args = parser.parse_args()
     rows = []
     for backend in args.backends:
         for T in args.lengths:
             inputs = make_inputs(T, Shape(T=T), extreme=args.extreme)
-            rows.append((backend, T, compare_with_fla(inputs, backend)))
+            rows.append((backend, T, compare_with_fla(inputs, backend, interpret=args.interpret)))
     names = list(rows[0][2])
     print(f"{'backend':<8} {'T':>4} " + " ".join(f"{n:>11}" for n in names))
     for backend, T, errors in rows:

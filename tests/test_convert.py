@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from test_layers import HIDDEN, fla_on_cpu, make_fla_layer, rel_err  # noqa: F401
+from testing import HIDDEN, make_fla_layer, rel_err
 
 from gdn2_jax import convert
 from gdn2_jax.layers import GatedDeltaRule2
@@ -57,7 +57,7 @@ def test_layer_round_trip_through_fla_module_is_exact(kwargs):
     _assert_same(_params(back), _params(layer))
 
 
-def test_layer_from_torch_then_back_is_exact(fla_on_cpu):  # noqa: F811
+def test_layer_from_torch_then_back_is_exact(fla_on_cpu):
     ref = make_fla_layer(fla_on_cpu, num_heads=2, head_dim=16)
     layer = GatedDeltaRule2(HIDDEN, 2, 16, output_gate="sigmoid", rngs=nnx.Rngs(0))
     convert.load_layer_state_dict(layer, ref.state_dict())
@@ -176,7 +176,7 @@ def _lit_gpt_forward(sd: dict, cfg: ModelConfig, tokens, fla_cls):
     return rms(x, w["transformer.ln_f.weight"]) @ w["lm_head.weight"].T
 
 
-def test_converted_lm_matches_lit_gpt_forward(fla_on_cpu):  # noqa: F811
+def test_converted_lm_matches_lit_gpt_forward(fla_on_cpu):
     """Hybrid (GDN-2, SWA with GQA, full attention) logits agree with a PyTorch lit_gpt forward:
     this pins the fused qkv layout, RoPE and the block wiring, not only self-consistency."""
     cfg = ModelConfig.preset("tiny-hybrid", block_pattern=("gdn2", "swa", "attn"), **HYBRID)

@@ -1,5 +1,5 @@
 """The GatedDeltaRule2 layer: fla's PyTorch GatedDeltaNet2 cross-check (CPU, see
-`testing.fla_on_cpu`), causality, which form of the op runs (the kernels in the traced program),
+the `fla_on_cpu` fixture), causality, which form of the op runs (the kernels in the traced program),
 initialization, each gate_mode's reduction, bad configs. `tests/test_layers_gpu.py` runs fla's
 real kernels on a GPU.
 """

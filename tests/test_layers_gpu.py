@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from testing import HIDDEN, jax_layer_from, make_fla_layer, rel_err
+from testing import HIDDEN, jax_layer_from, kernel_names, make_fla_layer, rel_err
 
 torch = pytest.importorskip("torch")
 fla_gdn2 = pytest.importorskip("fla.layers.gdn2")
@@ -48,6 +48,7 @@ def test_matches_fla_triton_layer_chunk(case):
     cot = np.random.default_rng(2).standard_normal(y_ref.shape).astype(np.float32)
     (dx_ref,) = torch.autograd.grad(y_ref, xt, torch.from_numpy(cot).cuda())
 
+    assert kernel_names(lambda x: layer(x), jnp.asarray(x))["gdn2_chunk_fwd_intra"] == 1
     y, vjp = jax.vjp(layer, jnp.asarray(x))
     (dx,) = vjp(jnp.asarray(cot))
     assert rel_err(y, y_ref.detach().cpu().numpy()) <= GPU_TOL
@@ -61,4 +62,6 @@ def test_matches_fla_triton_layer_short_inference():
     x = np.random.default_rng(4).standard_normal((2, 40, HIDDEN)).astype(np.float32)
     with torch.no_grad():
         y_ref = ref(torch.from_numpy(x).cuda())[0].cpu().numpy()
+    # The decoding kernel against fla's fused_recurrent_gdn2, and nothing else running.
+    assert kernel_names(lambda x: layer(x), jnp.asarray(x)) == {"gdn2_recurrent_fwd": 1}
     assert rel_err(layer(jnp.asarray(x)), y_ref) <= GPU_TOL

@@ -1,8 +1,9 @@
-"""The Pallas kernels compiled for a GPU (Triton lowering): `pytest -m gpu` on the H100.
+"""The Pallas kernels compiled for a GPU (Triton lowering): `pytest -m gpu` on a Hopper GPU.
 
 The op's shared suite for backend="pallas" (float32 inputs run TF32×3 matmuls, so the shared
 float32 tolerances hold), production head sizes in float32 and bfloat16 against fla's naive
-recurrence (CPU, float32), and the decoding kernel. Skipped where JAX has no GPU.
+recurrence (CPU, float32), the decoding kernel, and what "auto" picks on a GPU. Skipped where
+JAX has no GPU.
 """
 
 import jax
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 from op_testing import OpBackendTests
 from test_pallas import fla_recurrent
+from testing import kernel_names
 
 from gdn2_jax.crosscheck import (
     NAMES,
@@ -126,3 +128,26 @@ def test_recurrent_entry_point_and_step_on_gpu(dtype):
     o_ref, S_ref = gated_delta_rule2_step(*token, h0[:2], backend="scan")
     assert rel_err(o.astype(jnp.float32), o_ref.astype(jnp.float32)) <= tol
     assert rel_err(S, S_ref) <= tol
+
+
+def test_auto_on_a_gpu_runs_the_kernels_and_falls_back_where_they_cannot():
+    x = make_inputs(55, Shape(B=1, T=70, H=2, K=64, V=64))
+    args = [jnp.asarray(x[n]) for n in NAMES[:6]]
+    state = jnp.asarray(x["initial_state"])
+    token = [a[:, 0] for a in args]
+    assert kernel_names(lambda *a: gated_delta_rule2(*a), *args)["gdn2_chunk_fwd_intra"] == 1
+    assert kernel_names(lambda *a: gated_delta_rule2_recurrent(*a), *args) == {
+        "gdn2_recurrent_fwd": 1
+    }
+    assert kernel_names(lambda *a: gated_delta_rule2_step(*a, state), *token) == {
+        "gdn2_recurrent_fwd": 1
+    }
+    wide = make_inputs(56, Shape(B=1, T=70, H=2, K=64, V=256))
+    wide_args = [jnp.asarray(wide[n]) for n in NAMES[:6]]
+    assert kernel_names(lambda *a: gated_delta_rule2(*a), *wide_args) == {}
+    o, _ = gated_delta_rule2(*wide_args)
+    o_ref, _ = gated_delta_rule2(*wide_args, backend="scan")
+    # xla's TF32 matmuls on the GPU against the scan's elementwise float32.
+    assert rel_err(o, o_ref) <= 1e-2
+    with pytest.raises(NotImplementedError, match="V=256"):
+        gated_delta_rule2(*wide_args, backend="pallas")
