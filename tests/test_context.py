@@ -33,10 +33,13 @@ LAYER_CASES = (
     "conv/context2",
     "conv/context4/short_span",
     "conv/context4/no_segments",
+    "conv/global/context4xtensor2",
     "swa/context2",
     "swa/context4/short_span",
+    "swa/global/context2xtensor2",
     "full/context2",
     "full/context4",
+    "full/global/context4xtensor2/no_segments",
     "segment_starts/context4",
 )
 
@@ -159,51 +162,59 @@ def _op_cases():
     }
 
 
-def _layer_errors(make, mesh, T, helper, *, with_segments=True, hidden=16, output=None):
-    """Errors of y and of the gradients of x and every parameter: `helper(module, x_local)` under
-    shard_map against `module(x)` (its element `output` if given) on the whole sequence."""
+def _layer_errors(make, mesh, T, context_fn, *, with_segments=True, output=None):
+    """Errors of y and of the gradients of x and every parameter: `context_fn(module, x, ids,
+    mesh)` on global arrays against `module(x)` (its element `output` if given)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
-    from jax.sharding import PartitionSpec as P
 
     from gdn2_jax.crosscheck import rel_err
 
     graphdef, params = nnx.split(make())
     rng = np.random.default_rng(T)
-    x = jnp.asarray(rng.standard_normal((2, T, hidden)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((2, T, 16)), jnp.float32)
     # Random documents (mean length ~3), many of them crossing device boundaries.
     ids = jnp.asarray(np.cumsum(rng.random((2, T)) < 0.3, axis=1), jnp.int32)
     ids = ids if with_segments else None
-    dy = jnp.asarray(rng.standard_normal((2, T, hidden)), jnp.float32)
+    dy = jnp.asarray(rng.standard_normal((2, T, 16)), jnp.float32)
 
     def single(params, x):
         y = nnx.merge(graphdef, params)(x, segment_ids=ids)
         return y if output is None else y[output]
 
-    def local(params, x, ids):
-        return helper(nnx.merge(graphdef, params), x, segment_ids=ids)
+    def split(params, x):
+        return context_fn(nnx.merge(graphdef, params), x, ids, mesh)
 
-    ids_spec = None if ids is None else P(None, "context")
-    split = jax.shard_map(
-        local,
-        mesh=mesh,
-        in_specs=(P(), P(None, "context", None), ids_spec),
-        out_specs=P(None, "context", None),
-        check_vma=False,
-    )
     want, want_vjp = jax.vjp(single, params, x)
-    got, got_vjp = jax.vjp(jax.jit(lambda p, x: split(p, x, ids)), params, x)
+    got, got_vjp = jax.vjp(jax.jit(split), params, x)
     (want_dp, want_dx), (got_dp, got_dx) = want_vjp(dy), got_vjp(dy)
     errs = {"y": rel_err(got, want), "dx": rel_err(got_dx, want_dx)}
     leaves = zip(jax.tree.leaves(got_dp), jax.tree.leaves(want_dp), strict=True)
     return errs | {"dparams": max(rel_err(a, b) for a, b in leaves)}
 
 
-def _conv_helper(conv, x, *, segment_ids):
-    from gdn2_jax.layers import context
+def _in_shard_map(span_fn):
+    """A context_fn running `span_fn(module, x_local, segment_ids=...)` under shard_map over
+    "context", the parameters replicated."""
+    import jax
+    from flax import nnx
+    from jax.sharding import PartitionSpec as P
 
-    return context.short_conv(conv, x, segment_ids=segment_ids)[0]
+    def run(module, x, ids, mesh):
+        graphdef, params = nnx.split(module)
+
+        def local(params, x, ids):
+            y = span_fn(nnx.merge(graphdef, params), x, segment_ids=ids)
+            return y[0] if isinstance(y, tuple) else y
+
+        ids_spec = None if ids is None else P(None, "context")
+        return jax.shard_map(
+            local, mesh=mesh, in_specs=(P(), P(None, "context", None), ids_spec),
+            out_specs=P(None, "context", None), check_vma=False,
+        )(params, x, ids)  # fmt: skip
+
+    return run
 
 
 def _segment_starts_error(mesh, T):
@@ -237,19 +248,38 @@ def _layer_cases():
     def attn(window):
         return lambda: Attention(16, 4, num_kv_heads=2, window_size=window, rngs=nnx.Rngs(0))
 
+    def conv_wrapper(module, x, ids, mesh):
+        return context.context_parallel_short_conv(
+            module, x, segment_ids=ids, mesh=mesh, channel_axes=("tensor",)
+        )
+
+    def attn_wrapper(module, x, ids, mesh):
+        return context.context_parallel_attention(
+            module, x, segment_ids=ids, mesh=mesh, head_axes=("tensor",)
+        )
+
+    conv_span, attn_span = _in_shard_map(context.short_conv), _in_shard_map(context.attention)
     two, four = _mesh(context=2), _mesh(context=4)
+    # T = 8 on 4 devices: spans of 2 tokens, shorter than the conv's 3-token and SWA's 4-token halo.
     return {
-        "conv/context2": lambda: _layer_errors(conv, two, 16, _conv_helper, output=0),
-        "conv/context4/short_span": lambda: _layer_errors(
-            conv, four, 8, _conv_helper, output=0
-        ),  # T/N = 2 < W−1
+        "conv/context2": lambda: _layer_errors(conv, two, 16, conv_span, output=0),
+        "conv/context4/short_span": lambda: _layer_errors(conv, four, 8, conv_span, output=0),
         "conv/context4/no_segments": lambda: _layer_errors(
-            conv, four, 8, _conv_helper, with_segments=False, output=0
+            conv, four, 8, conv_span, with_segments=False, output=0
         ),
-        "swa/context2": lambda: _layer_errors(attn(5), two, 16, context.attention),
-        "swa/context4/short_span": lambda: _layer_errors(attn(5), four, 8, context.attention),
-        "full/context2": lambda: _layer_errors(attn(None), two, 16, context.attention),
-        "full/context4": lambda: _layer_errors(attn(None), four, 8, context.attention),
+        "conv/global/context4xtensor2": lambda: _layer_errors(
+            conv, _mesh(context=4, tensor=2), 8, conv_wrapper, output=0
+        ),
+        "swa/context2": lambda: _layer_errors(attn(5), two, 16, attn_span),
+        "swa/context4/short_span": lambda: _layer_errors(attn(5), four, 8, attn_span),
+        "swa/global/context2xtensor2": lambda: _layer_errors(
+            attn(5), _mesh(context=2, tensor=2), 16, attn_wrapper
+        ),
+        "full/context2": lambda: _layer_errors(attn(None), two, 16, attn_span),
+        "full/context4": lambda: _layer_errors(attn(None), four, 8, attn_span),
+        "full/global/context4xtensor2/no_segments": lambda: _layer_errors(
+            attn(None), _mesh(context=4, tensor=2), 8, attn_wrapper, with_segments=False
+        ),
         "segment_starts/context4": lambda: _segment_starts_error(four, 8),
     }
 

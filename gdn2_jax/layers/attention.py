@@ -95,19 +95,6 @@ class Attention(nnx.Module):
         """x [B, T, hidden] -> [B, T, hidden]; `segment_ids` [B, T] keeps attention in-document."""
         return self._full(x, segment_ids)[0]
 
-    def attend(self, q, k, v, *, q_positions, k_positions, q_segment_ids=None, k_segment_ids=None):
-        """Rotated q [B, Tq, H, D] against rotated k, v [B, Tk, H_kv, D] -> y [B, Tq, hidden].
-
-        The mask comes from the tokens' global positions (`position_mask`), so a span of a
-        sequence with the keys it may see gets what the whole sequence gives for that span.
-        """
-        mask = position_mask(
-            q_positions, k_positions, self.window_size, q_segment_ids, k_segment_ids
-        )
-        implementation = self._backend(q.dtype, masked=True)
-        o = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
-        return self.o_proj(o.reshape(*q.shape[:2], -1))
-
     def cache_len(self, max_len: int) -> int:
         return max_len if self.window_size is None else min(self.window_size, max_len)
 
