@@ -37,19 +37,21 @@ def span_positions(T_local, axis_name):
 def previous_tokens(x, n, axis_name):
     """The n tokens before this device's span: x [B, T_local, ...] -> [B, n, ...].
 
-    Taken from as many earlier devices as n needs (⌈n / T_local⌉ ppermutes, one per distance), so a
-    window longer than a span works too. Tokens before global token 0 are zeros.
+    Device d − h sends only the tokens d needs from it, for each distance h up to ⌈n / T_local⌉
+    (one ppermute each), so a window longer than a span works too. Tokens before global token 0
+    are zeros.
     """
     T = x.shape[1]
     size = jax.lax.axis_size(axis_name)
     blocks = []
     for hop in range(math.ceil(n / T), 0, -1):
+        tail = x[:, T - min(T, n - (hop - 1) * T) :]
         if hop >= size:
-            blocks.append(jnp.zeros_like(x))
+            blocks.append(jnp.zeros_like(tail))
         else:
             perm = [(i, i + hop) for i in range(size - hop)]
-            blocks.append(jax.lax.ppermute(x, axis_name, perm))
-    return jnp.concatenate(blocks, axis=1)[:, -n:]
+            blocks.append(jax.lax.ppermute(tail, axis_name, perm))
+    return jnp.concatenate(blocks, axis=1)
 
 
 def short_conv(conv: ShortConvolution, x, *, axis_name="context", segment_ids=None):
