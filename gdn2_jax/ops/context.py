@@ -105,9 +105,8 @@ class PackedSpan:
         self.a = jnp.minimum(jnp.searchsorted(ends, end - 1, side="right"), self.n - 1)
         self.continued = cu[self.n_star] < self.start
         self.local_cu = jnp.clip(cu - self.start, 0, T_local)
-        self.first_end = self.local_cu[
-            self.n_star + 1
-        ]  # n*'s first local segment is [0, first_end)
+        # n*'s first local segment is [0, first_end).
+        self.first_end = self.local_cu[self.n_star + 1]
         self.T_local = T_local
         last_token = jnp.clip(ends - 1, 0, jax.lax.axis_size(axis_name) * T_local - 1)
         self.owned = last_token // T_local == jax.lax.axis_index(axis_name)  # [N] final states
