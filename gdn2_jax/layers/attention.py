@@ -132,6 +132,19 @@ class Attention(nnx.Module):
         return self.o_proj(o.reshape(B, -1)), KVCache(k_buf, v_buf, t + 1)
 
 
+def position_mask(q_positions, k_positions, window_size, q_segment_ids=None, k_segment_ids=None):
+    """[B or 1, 1, Tq, Tk] bool: key position in (q − window, q], not negative (no such token), and
+    with segment ids [B, Tq] / [B, Tk] in the query's document. Positions are [Tq] / [Tk]."""
+    lag = q_positions[:, None] - k_positions[None, :]
+    mask = (lag >= 0) & (k_positions >= 0)[None, :]
+    if window_size is not None:
+        mask &= lag < window_size
+    mask = mask[None, None]
+    if q_segment_ids is not None:
+        mask &= (q_segment_ids[:, :, None] == k_segment_ids[:, None, :])[:, None]
+    return mask
+
+
 def _check_config(num_heads, num_kv_heads, head_dim, window_size, implementation):
     if num_heads < 1 or head_dim < 1:
         raise ValueError(f"num_heads and head_dim must be >= 1, got {num_heads} and {head_dim}")

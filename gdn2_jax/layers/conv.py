@@ -35,10 +35,12 @@ class ShortConvolution(nnx.Module):
         """Zero cache [B, W−1, D]: the inputs before the first token."""
         return jnp.zeros((batch_size, self.kernel_size - 1, self.features), dtype)
 
-    def __call__(self, x, *, segment_ids=None, state=None):
+    def __call__(self, x, *, segment_ids=None, state=None, state_segment_ids=None):
         """x [B, T, D] -> (y [B, T, D], new state [B, W−1, D]).
 
-        With `segment_ids` [B, T] a tap only reads tokens of the query token's own document.
+        With `segment_ids` [B, T] a tap only reads tokens of the query token's own document; taps
+        into `state` are then dropped, unless `state_segment_ids` [B, W−1] gives the documents of
+        the state's tokens (a span continuing a sequence, e.g. the previous device's last tokens).
         """
         B, T, _ = x.shape
         dtype = self.dtype or x.dtype
@@ -51,7 +53,8 @@ class ShortConvolution(nnx.Module):
         for j in range(W):
             tap = xp[:, j : j + T].astype(dtype)
             if segment_ids is not None:
-                tap = tap * _same_segment(segment_ids, lag=W - 1 - j)[..., None].astype(dtype)
+                same = _same_segment(segment_ids, lag=W - 1 - j, history=state_segment_ids)
+                tap = tap * same[..., None].astype(dtype)
             y = y + jnp.einsum("btd,d->btd", tap, weight[j], preferred_element_type=jnp.float32)
         return jax.nn.silu(y).astype(dtype), xp[:, T:]
 
@@ -61,8 +64,15 @@ class ShortConvolution(nnx.Module):
         return y[:, 0], state
 
 
-def _same_segment(segment_ids, *, lag: int):
-    """[B, T] bool: token t−lag exists and belongs to token t's document."""
+def _same_segment(segment_ids, *, lag: int, history=None):
+    """[B, T] bool: token t−lag exists and belongs to token t's document.
+
+    `history` [B, W−1]: the documents of the W−1 tokens before t = 0, which then exist.
+    """
+    if history is not None:
+        ids = jnp.concatenate([history.astype(segment_ids.dtype), segment_ids], axis=1)
+        offset = history.shape[1] - lag
+        return ids[:, offset : offset + segment_ids.shape[1]] == segment_ids
     if lag == 0:
         return jnp.ones(segment_ids.shape, bool)
     T = segment_ids.shape[1]
