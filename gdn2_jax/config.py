@@ -80,10 +80,14 @@ class OptimizerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh. One axis may be -1: it takes all devices the others leave."""
+    """Device mesh. One axis may be -1: it takes all devices the others leave.
+
+    `context` splits each sequence along its tokens (data.seq_len must divide by it).
+    """
 
     data: int = -1
     fsdp: int = 1
+    context: int = 1
     tensor: int = 1
 
 

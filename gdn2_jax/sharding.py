@@ -1,8 +1,9 @@
 """Device mesh, logical-axis rules and batch shardings of training.
 
 Mesh axes: "data" and "fsdp" both split the batch ("fsdp" also splits parameters along the
-model width), "tensor" splits heads, MLP width and vocabulary. The GDN-2 op runs per shard over
-the same axes (`gdn2_jax.ops.sharded`).
+model width), "context" splits each sequence along its tokens (parameters are replicated over
+it), "tensor" splits heads, MLP width and vocabulary. The GDN-2 op runs per shard over the same
+axes (`gdn2_jax.ops.sharded`).
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from gdn2_jax.config import MeshConfig
-from gdn2_jax.ops.sharded import BATCH_AXES, HEAD_AXES
+from gdn2_jax.ops.sharded import BATCH_AXES, CONTEXT_AXIS, HEAD_AXES
 
-MESH_AXES = (*BATCH_AXES, *HEAD_AXES)
+MESH_AXES = (*BATCH_AXES, CONTEXT_AXIS, *HEAD_AXES)
 
 # Logical axis names (from the model's nnx.with_partitioning annotations) -> mesh axes.
 LOGICAL_RULES = (
@@ -32,7 +33,7 @@ LOGICAL_RULES = (
 
 
 def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, ...]:
-    sizes = [cfg.data, cfg.fsdp, cfg.tensor]
+    sizes = [getattr(cfg, axis) for axis in MESH_AXES]
     if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
         raise ValueError(f"mesh sizes must be positive with at most one -1, got {sizes}")
     known = math.prod(s for s in sizes if s != -1)
@@ -52,7 +53,10 @@ def make_mesh(cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
     devices = jax.devices() if devices is None else devices
     # Auto axes: shardings are chosen by the compiler from the constraints we give (GSPMD).
     return jax.make_mesh(
-        mesh_shape(cfg, len(devices)), MESH_AXES, (AxisType.Auto,) * 3, devices=devices
+        mesh_shape(cfg, len(devices)),
+        MESH_AXES,
+        (AxisType.Auto,) * len(MESH_AXES),
+        devices=devices,
     )
 
 
@@ -80,16 +84,44 @@ def param_shardings(abstract_state: nnx.State, mesh) -> dict:
     )
 
 
+def context_size(mesh) -> int:
+    """Devices each sequence is split over (1 for a mesh without a context axis)."""
+    return mesh.shape.get(CONTEXT_AXIS, 1)
+
+
+def batch_spec(mesh) -> PartitionSpec:
+    """Batch arrays [B, T]: rows over the batch axes, tokens over "context" when it splits them
+    (a context axis of size 1 leaves the spec, hence the program, as without one)."""
+    if context_size(mesh) > 1:
+        return PartitionSpec(BATCH_AXES, CONTEXT_AXIS)
+    return PartitionSpec(BATCH_AXES)
+
+
 def batch_sharding(mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+    return NamedSharding(mesh, batch_spec(mesh))
 
 
 def replicated(mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def check_context_within_hosts(mesh) -> None:
+    """Each host loads whole sequences of its own rows, so the devices that share a sequence
+    (one line along the context axis) must belong to one process."""
+    if context_size(mesh) == 1 or jax.process_count() == 1:
+        return
+    along = np.moveaxis(mesh.devices, mesh.axis_names.index(CONTEXT_AXIS), -1)
+    process = np.vectorize(lambda d: d.process_index)(along)
+    if np.any(process != process[..., :1]):
+        raise ValueError(
+            f"mesh.context={context_size(mesh)} spans several hosts; each sequence must stay "
+            "within the devices of one host"
+        )
+
+
 def host_local_to_global(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
-    """Assembles each host's share of the batch into global arrays sharded over the batch axes."""
+    """Assembles each host's share of the batch (whole sequences) into global arrays, rows over
+    the batch axes and tokens over the context axis (see `check_context_within_hosts`)."""
     sharding = batch_sharding(mesh)
     return {
         name: jax.make_array_from_process_local_data(sharding, np.asarray(x))

@@ -84,7 +84,7 @@ def _batch_spec(batch: Batch):
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return jax.tree.map(lambda _: jax.sharding.PartitionSpec(), batch)
-    return jax.tree.map(lambda _: jax.sharding.PartitionSpec(sharding.BATCH_AXES), batch)
+    return jax.tree.map(lambda _: sharding.batch_spec(mesh), batch)
 
 
 def train_step(

@@ -237,7 +237,8 @@ def check_vocab(cfg: Config, data_vocab: int | None) -> None:
 
 
 def check_batch(cfg: Config, mesh: jax.sharding.Mesh) -> None:
-    """Each micro-batch is split evenly over the devices of the batch axes (data x fsdp)."""
+    """Each micro-batch is split evenly over the devices of the batch axes (data x fsdp), and
+    each sequence evenly over those of the context axis."""
     accum, rows = cfg.optimizer.grad_accum_steps, cfg.data.batch_size
     shards = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
     if accum < 1 or rows % accum or (rows // accum) % shards:
@@ -245,6 +246,12 @@ def check_batch(cfg: Config, mesh: jax.sharding.Mesh) -> None:
             f"data.batch_size={rows} must split into optimizer.grad_accum_steps={accum} "
             f"micro-batches whose rows divide over the {shards} devices of the mesh's data and "
             "fsdp axes"
+        )
+    context = sharding.context_size(mesh)
+    if cfg.data.seq_len % context:
+        raise ValueError(
+            f"data.seq_len={cfg.data.seq_len} must divide by mesh.context={context}, the "
+            "devices each sequence is split over"
         )
 
 
@@ -259,6 +266,7 @@ def train(cfg: Config, *, until: int | None = None) -> dict[str, Any]:
     workdir = Path(cfg.train.workdir)
     mesh = sharding.make_mesh(cfg.mesh)
     check_batch(cfg, mesh)
+    sharding.check_context_within_hosts(mesh)
     proc = {"process_index": jax.process_index(), "process_count": jax.process_count()}
     is_main = jax.process_index() == 0
     check_vocab(cfg, data_lib.make_sources(cfg.data).vocab_size)

@@ -33,8 +33,10 @@ MESH_2x2x2 = ("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
 
 
 def test_mesh_shape_resolution():
-    assert sharding.mesh_shape(MeshConfig(), 8) == (8, 1, 1)
-    assert sharding.mesh_shape(MeshConfig(data=-1, fsdp=2, tensor=2), 8) == (2, 2, 2)
+    assert sharding.MESH_AXES == ("data", "fsdp", "context", "tensor")
+    assert sharding.mesh_shape(MeshConfig(), 8) == (8, 1, 1, 1)
+    assert sharding.mesh_shape(MeshConfig(data=-1, fsdp=2, tensor=2), 8) == (2, 2, 1, 2)
+    assert sharding.mesh_shape(MeshConfig(data=2, context=-1), 8) == (2, 1, 4, 1)
     with pytest.raises(ValueError, match="at most one -1"):
         sharding.mesh_shape(MeshConfig(data=-1, fsdp=-1), 8)
     with pytest.raises(ValueError, match="do not divide"):

@@ -6,8 +6,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gdn2_jax.layers import context
 from gdn2_jax.layers.init import dense, torch_linear_init
 from gdn2_jax.layers.rope import apply_rope
+from gdn2_jax.ops import sharded
 from gdn2_jax.options import ATTENTION_IMPLEMENTATIONS
 
 
@@ -91,8 +93,21 @@ class Attention(nnx.Module):
         return self.o_proj(o.reshape(B, T, -1)), k, v
 
     def __call__(self, x, *, segment_ids=None):
-        """x [B, T, hidden] -> [B, T, hidden]; `segment_ids` [B, T] keeps attention in-document."""
-        return self._full(x, segment_ids)[0]
+        """x [B, T, hidden] -> [B, T, hidden]; `segment_ids` [B, T] keeps attention in-document.
+
+        When the active mesh splits tokens over "context", each device attends from its span
+        (`gdn2_jax.layers.context`): a halo of W−1 keys for a window, all keys gathered without.
+        """
+        axis = sharded.context_axis(x.shape[1])
+        if axis is None:
+            return self._full(x, segment_ids)[0]
+        return context.context_parallel_attention(
+            self, x,
+            segment_ids=segment_ids,
+            context_axis=axis,
+            batch_axes=sharded.mesh_axes(sharded.BATCH_AXES, x.shape[0]) or (),
+            head_axes=sharded.mesh_axes(sharded.HEAD_AXES, self.num_kv_heads) or (),
+        )  # fmt: skip
 
     def cache_len(self, max_len: int) -> int:
         return max_len if self.window_size is None else min(self.window_size, max_len)
@@ -130,19 +145,6 @@ class Attention(nnx.Module):
         mask = (slot_pos >= 0)[None, None, None, :]
         o = jax.nn.dot_product_attention(q, k_buf.astype(q.dtype), v_buf.astype(q.dtype), mask=mask)
         return self.o_proj(o.reshape(B, -1)), KVCache(k_buf, v_buf, t + 1)
-
-
-def position_mask(q_positions, k_positions, window_size, q_segment_ids=None, k_segment_ids=None):
-    """[B or 1, 1, Tq, Tk] bool: key position in (q − window, q], not negative (no such token), and
-    with segment ids [B, Tq] / [B, Tk] in the query's document. Positions are [Tq] / [Tk]."""
-    lag = q_positions[:, None] - k_positions[None, :]
-    mask = (lag >= 0) & (k_positions >= 0)[None, :]
-    if window_size is not None:
-        mask &= lag < window_size
-    mask = mask[None, None]
-    if q_segment_ids is not None:
-        mask &= (q_segment_ids[:, :, None] == k_segment_ids[:, None, :])[:, None]
-    return mask
 
 
 def _check_config(num_heads, num_kv_heads, head_dim, window_size, implementation):

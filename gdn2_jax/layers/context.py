@@ -13,20 +13,26 @@ single-device module returns for this span of the whole sequence.
   * Packed documents (segment ids): the GDN-2 layer's state reset at document starts needs the
     previous token's document, which `segment_starts` reads across the device boundary.
 
-`context_parallel_attention` and `context_parallel_short_conv` do the same on global arrays, under
-`jax.shard_map` on a mesh with a context axis.
+`context_parallel_attention`, `context_parallel_short_conv` and `context_parallel_segment_starts`
+do the same on global arrays, under `jax.shard_map` on a mesh with a context axis; the layers call
+them when the active mesh splits tokens over "context".
 """
+
+from __future__ import annotations
 
 import functools
 import math
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec
 
-from gdn2_jax.layers.attention import Attention, position_mask
 from gdn2_jax.layers.conv import ShortConvolution
+
+if TYPE_CHECKING:  # the attention layer imports this module
+    from gdn2_jax.layers.attention import Attention
 
 
 def span_positions(T_local, axis_name):
@@ -77,6 +83,19 @@ def segment_starts(segment_ids, axis_name="context"):
     )
     first = span_positions(segment_ids.shape[1], axis_name) == 0
     return (segment_ids != previous) | first
+
+
+def position_mask(q_positions, k_positions, window_size, q_segment_ids=None, k_segment_ids=None):
+    """[B or 1, 1, Tq, Tk] bool: key position in (q − window, q], not negative (no such token), and
+    with segment ids [B, Tq] / [B, Tk] in the query's document. Positions are [Tq] / [Tk]."""
+    lag = q_positions[:, None] - k_positions[None, :]
+    mask = (lag >= 0) & (k_positions >= 0)[None, :]
+    if window_size is not None:
+        mask &= lag < window_size
+    mask = mask[None, None]
+    if q_segment_ids is not None:
+        mask &= (q_segment_ids[:, :, None] == k_segment_ids[:, None, :])[:, None]
+    return mask
 
 
 def _window_keys(k, v, positions, segment_ids, window_size, axis_name):
@@ -209,3 +228,18 @@ def context_parallel_short_conv(
         out_specs=spec,
         check_vma=False,
     )(params, x, given)
+
+
+def context_parallel_segment_starts(
+    segment_ids, *, mesh=None, context_axis="context", batch_axes=()
+):
+    """`segment_starts` on global segment ids [B, T] with T split over `context_axis`: where
+    the GDN-2 layer resets its state, each span reading the previous span's last document."""
+    spec = PartitionSpec(_axes(batch_axes), context_axis)
+    return jax.shard_map(
+        functools.partial(segment_starts, axis_name=context_axis),
+        mesh=_mesh(mesh),
+        in_specs=spec,
+        out_specs=spec,
+        check_vma=False,
+    )(segment_ids)

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gdn2_jax.layers import context
 from gdn2_jax.layers.conv import ShortConvolution
 from gdn2_jax.layers.init import GDN2_LINEAR_INIT, dense, partitioned
 from gdn2_jax.layers.norm import GatedRMSNorm
@@ -99,6 +100,11 @@ class GatedDeltaRule2(nnx.Module):
     key-side q, k, g, b are repeated over each group of value heads. After `.eval()`
     (deterministic) inputs of at most 64 tokens run the op's token-serial form, as does
     `mode="recurrent"` always, and so does the decoding `step`.
+
+    When the active mesh splits tokens over "context" (training, eval), the short convolutions
+    read the previous device's last W−1 tokens, document starts are read across device
+    boundaries and the op runs per span (`gdn2_jax.ops.context`), all exact; `prefill` keeps
+    whole sequences on every device of that axis, as decoding needs them.
 
     `backend` names the chunk form's implementation and `recurrent_backend` the token-serial
     form's (see `gdn2_jax.ops.registry`; "auto" takes the first that supports the inputs);
@@ -225,13 +231,17 @@ class GatedDeltaRule2(nnx.Module):
         o = self.o_norm(o, self._split(self.g_proj(x), self.head_v_dim))
         return self.o_proj(o.reshape(*o.shape[:-2], self.value_dim))
 
-    def runs_token_serial(self, T: int) -> bool:
-        """mode="recurrent", and inference inputs of at most SHORT_INPUT_LEN tokens."""
-        return self.mode == "recurrent" or (self.deterministic and T <= SHORT_INPUT_LEN)
+    def runs_token_serial(self, T: int, *, split: bool = False) -> bool:
+        """mode="recurrent", and inference inputs of at most SHORT_INPUT_LEN tokens unless they are
+        `split` over a context axis (the token-serial form has no context-parallel form)."""
+        return self.mode == "recurrent" or (
+            self.deterministic and T <= SHORT_INPUT_LEN and not split
+        )
 
-    def _rule(self, q, k, v, g, b, w, *, initial_state, output_final_state):
-        """The op's token-serial or chunk form, per shard of the active mesh."""
-        if self.runs_token_serial(q.shape[1]):
+    def _rule(self, q, k, v, g, b, w, *, initial_state, output_final_state, split):
+        """The op's token-serial or chunk form, per shard of the active mesh; `split`: the tokens
+        are split over its context axis (else every device of that axis runs whole sequences)."""
+        if self.runs_token_serial(q.shape[1], split=split):
             return sharded.gated_delta_rule2_recurrent(
                 q, k, v, g, b, w,
                 initial_state=initial_state,
@@ -239,6 +249,7 @@ class GatedDeltaRule2(nnx.Module):
                 use_qk_l2norm=True,
                 backend=self.recurrent_backend,
                 interpret=self.interpret,
+                context_parallel=split,
             )  # fmt: skip
         return sharded.gated_delta_rule2(
             q, k, v, g, b, w,
@@ -248,7 +259,35 @@ class GatedDeltaRule2(nnx.Module):
             backend=self.backend,
             chunk_size=self.chunk_size,
             interpret=self.interpret,
+            context_parallel=split,
         )  # fmt: skip
+
+    def _short_conv(self, conv, x, segment_ids, state, split):
+        """conv(x) -> (y, its new state); `split`: from the previous device's last tokens (no
+        state is kept, none is needed: only prefill, which does not split, builds a cache)."""
+        if not split:
+            return conv(x, segment_ids=segment_ids, state=state)
+        y = context.context_parallel_short_conv(
+            conv, x,
+            segment_ids=segment_ids,
+            context_axis=sharded.CONTEXT_AXIS,
+            batch_axes=sharded.mesh_axes(sharded.BATCH_AXES, x.shape[0]) or (),
+            channel_axes=sharded.mesh_axes(sharded.HEAD_AXES, conv.features) or (),
+        )  # fmt: skip
+        return y, None
+
+    def _reset_at_document_starts(self, g, segment_ids, split):
+        """g with RESET_LOG_DECAY at each token that opens a document; over a context split the
+        first token of a span opens one only if its id differs from the previous span's last."""
+        if split:
+            starts = context.context_parallel_segment_starts(
+                segment_ids,
+                context_axis=sharded.CONTEXT_AXIS,
+                batch_axes=sharded.mesh_axes(sharded.BATCH_AXES, segment_ids.shape[0]) or (),
+            )
+        else:
+            starts = _segment_starts(segment_ids)
+        return jnp.where(starts[..., None, None], RESET_LOG_DECAY, g)
 
     def init_cache(self, batch_size: int, dtype=None) -> GDN2Cache:
         """An empty cache: zero conv history and zero state."""
@@ -271,18 +310,21 @@ class GatedDeltaRule2(nnx.Module):
         return self._sequence(x, segment_ids=None, cache=cache or self.init_cache(x.shape[0]))
 
     def _sequence(self, x, *, segment_ids, cache):
+        # Prefill (a cache) keeps whole sequences per device: decoding continues from its state.
+        split = cache is None and sharded.context_axis(x.shape[1]) is not None
         caches = (None,) * 3 if cache is None else cache[:3]
-        q, cq = self.q_conv1d(self.q_proj(x), segment_ids=segment_ids, state=caches[0])
-        k, ck = self.k_conv1d(self.k_proj(x), segment_ids=segment_ids, state=caches[1])
-        v, cv = self.v_conv1d(self.v_proj(x), segment_ids=segment_ids, state=caches[2])
+        q, cq = self._short_conv(self.q_conv1d, self.q_proj(x), segment_ids, caches[0], split)
+        k, ck = self._short_conv(self.k_conv1d, self.k_proj(x), segment_ids, caches[1], split)
+        v, cv = self._short_conv(self.v_conv1d, self.v_proj(x), segment_ids, caches[2], split)
         q, k, v = self._qkv(q, k, v)
         g, b, w = self.gates(x)
         if segment_ids is not None:
-            g = jnp.where(_segment_starts(segment_ids)[..., None, None], RESET_LOG_DECAY, g)
+            g = self._reset_at_document_starts(g, segment_ids, split)
         o, S = self._rule(
             q, k, v, g, b, w,
             initial_state=None if cache is None else cache.S,
             output_final_state=cache is not None,
+            split=split,
         )  # fmt: skip
         new_cache = None if cache is None else GDN2Cache(cq, ck, cv, S)
         return self._output(o, x), new_cache

@@ -162,6 +162,7 @@ def gated_delta_rule2_context(
     use_qk_l2norm=False,
     backend="auto",
     chunk_size=64,
+    interpret=False,
 ):
     """`gated_delta_rule2` on this device's span of a sequence split over `axis_name`.
 
@@ -172,7 +173,10 @@ def gated_delta_rule2_context(
     boundaries (B = 1). Returns this span's o [B, T_local, H, V] and, with output_final_state, the
     global final state [N, H, K, V] on every device (else None).
     """
-    op_kw = dict(scale=scale, use_qk_l2norm=use_qk_l2norm, backend=backend, chunk_size=chunk_size)
+    op_kw = dict(
+        scale=scale, use_qk_l2norm=use_qk_l2norm, backend=backend, chunk_size=chunk_size,
+        interpret=interpret,
+    )  # fmt: skip
     if cu_seqlens is None:
         o0, o1, P, R, C0 = _dense_span(q, k, v, g, b, w, initial_state, op_kw)
         C, S_end = incoming_states(P, R, C0, axis_name)

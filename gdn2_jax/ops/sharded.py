@@ -1,9 +1,11 @@
 """The op's entry points run per shard under the active mesh.
 
 The Pallas kernels have no partitioning rule, so under a mesh XLA would gather whole arrays onto
-every device. Each shard holds whole sequences of some heads, and the recurrence is independent
-across both, so the op runs locally inside `jax.shard_map` over the batch axes and the head
-axis. Without a mesh, or with one that cannot split these shapes, each function is the op itself.
+every device. The recurrence is independent across sequences and heads, so the op runs locally
+inside `jax.shard_map` over the batch axes and the head axis. A "context" axis of size > 1 splits
+each sequence along its tokens; the op then runs `gated_delta_rule2_context`, which passes span
+states between the devices of that axis. Without a mesh, or with one that cannot split these
+shapes, each function is the op itself; a context axis of size 1 changes nothing.
 """
 
 import functools
@@ -13,9 +15,12 @@ import jax
 from jax.sharding import PartitionSpec
 
 from gdn2_jax.ops import api
+from gdn2_jax.ops.context import gated_delta_rule2_context
 
-# Mesh axes that split the batch, and the one that splits heads (absent axes are skipped).
+# Mesh axes that split the batch, the one that splits tokens and the one that splits heads
+# (absent axes, and axes of size 1, are skipped).
 BATCH_AXES = ("data", "fsdp")
+CONTEXT_AXIS = "context"
 HEAD_AXES = ("tensor",)
 
 
@@ -26,15 +31,39 @@ def _axes_that_divide(mesh, axes, size):
     return axes
 
 
-def _split(batch_size, num_heads, packed):
-    """(batch axes, head axes) to split over, or None to run the op unsharded."""
+def mesh_axes(axes, size):
+    """The active mesh's axes among `axes` (size > 1) if together they divide `size`, else None."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
+    return None if mesh.empty else _axes_that_divide(mesh, axes, size)
+
+
+def context_axis(num_tokens):
+    """CONTEXT_AXIS when the active mesh splits a sequence of `num_tokens` over it, else None.
+
+    Raises ValueError when the axis has size > 1 and does not divide the sequence: the spans of
+    the context algorithms are equal by construction.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.shape.get(CONTEXT_AXIS, 1) == 1:
         return None
-    # Packed sequences share batch row 0, so only heads can be split then.
-    batch = None if packed else _axes_that_divide(mesh, BATCH_AXES, batch_size)
-    heads = _axes_that_divide(mesh, HEAD_AXES, num_heads)
-    return None if batch is None and heads is None else (batch, heads)
+    size = mesh.shape[CONTEXT_AXIS]
+    if num_tokens % size:
+        raise ValueError(
+            f"a sequence of {num_tokens} tokens does not split over the {CONTEXT_AXIS!r} mesh "
+            f"axis of size {size}"
+        )
+    return CONTEXT_AXIS
+
+
+def _split(batch_size, num_heads, num_tokens, packed):
+    """(batch axes, context axis, head axes) to split over, or None to run the op unsharded.
+    `num_tokens` is None where the token axis is not split (one-token decoding inputs, or whole
+    sequences on each device)."""
+    # Packed sequences share batch row 0, so only heads (and tokens) can be split then.
+    batch = None if packed else mesh_axes(BATCH_AXES, batch_size)
+    heads = mesh_axes(HEAD_AXES, num_heads)
+    context = None if num_tokens is None else context_axis(num_tokens)
+    return None if batch is None and heads is None and context is None else (batch, context, heads)
 
 
 def _per_shard(op, tensors, optional, tensor_spec, optional_specs, out_specs):
@@ -52,16 +81,26 @@ def _per_shard(op, tensors, optional, tensor_spec, optional_specs, out_specs):
     )(tensors, given)
 
 
-def _sequence(op, tensors, initial_state, cu_seqlens, output_final_state):
+def _sequence(op, context_op, tensors, initial_state, cu_seqlens, output_final_state, parallel):
+    """`op` per shard, or `context_op` per span when `parallel` and the mesh splits the tokens
+    over CONTEXT_AXIS (the initial and final states are then global: the same on every device of
+    that axis). Without `parallel` every device of that axis runs whole sequences."""
     q = tensors[0]
-    split = _split(q.shape[0], q.shape[2], cu_seqlens is not None)
+    num_tokens = q.shape[1] if parallel else None
+    split = _split(q.shape[0], q.shape[2], num_tokens, cu_seqlens is not None)
     if split is None:
         return op(*tensors, initial_state=initial_state, cu_seqlens=cu_seqlens)
-    batch, heads = split
-    x_spec = PartitionSpec(batch, None, heads, None)
+    batch, context, heads = split
+    if context is not None and context_op is None:
+        raise NotImplementedError(
+            f"{op.func.__name__} has no context-parallel form: split the tokens over "
+            f"{CONTEXT_AXIS!r} with the chunk form (gated_delta_rule2), or run it on a mesh "
+            f"whose {CONTEXT_AXIS!r} axis has size 1"
+        )
+    x_spec = PartitionSpec(batch, context, heads, None)
     state_spec = PartitionSpec(batch, heads, None, None)
     return _per_shard(
-        op,
+        op if context is None else context_op,
         tensors,
         {"initial_state": initial_state, "cu_seqlens": cu_seqlens},
         x_spec,
@@ -86,10 +125,14 @@ def gated_delta_rule2(
     backend="auto",
     chunk_size=64,
     interpret=False,
+    context_parallel=True,
 ):
-    """`gdn2_jax.ops.gated_delta_rule2` per shard of the active mesh (same arguments)."""
-    op = functools.partial(
-        api.gated_delta_rule2,
+    """`gdn2_jax.ops.gated_delta_rule2` per shard of the active mesh (same arguments).
+
+    With `context_parallel` a mesh axis CONTEXT_AXIS of size > 1 splits each sequence along its
+    tokens (T must divide by its size); without it every device of that axis runs whole sequences.
+    """
+    options = dict(
         scale=scale,
         output_final_state=output_final_state,
         use_qk_l2norm=use_qk_l2norm,
@@ -97,7 +140,12 @@ def gated_delta_rule2(
         chunk_size=chunk_size,
         interpret=interpret,
     )
-    return _sequence(op, (q, k, v, g, b, w), initial_state, cu_seqlens, output_final_state)
+    op = functools.partial(api.gated_delta_rule2, **options)
+    context_op = functools.partial(gated_delta_rule2_context, axis_name=CONTEXT_AXIS, **options)
+    tensors = (q, k, v, g, b, w)
+    return _sequence(
+        op, context_op, tensors, initial_state, cu_seqlens, output_final_state, context_parallel
+    )
 
 
 def gated_delta_rule2_recurrent(
@@ -115,8 +163,11 @@ def gated_delta_rule2_recurrent(
     use_qk_l2norm=False,
     backend="auto",
     interpret=False,
+    context_parallel=True,
 ):
-    """`gdn2_jax.ops.gated_delta_rule2_recurrent` per shard of the active mesh."""
+    """`gdn2_jax.ops.gated_delta_rule2_recurrent` per shard of the active mesh. The token-serial
+    form has no context-parallel form: with `context_parallel` a mesh axis CONTEXT_AXIS of size > 1
+    raises NotImplementedError; without it every device of that axis runs whole sequences."""
     op = functools.partial(
         api.gated_delta_rule2_recurrent,
         scale=scale,
@@ -125,7 +176,10 @@ def gated_delta_rule2_recurrent(
         backend=backend,
         interpret=interpret,
     )
-    return _sequence(op, (q, k, v, g, b, w), initial_state, cu_seqlens, output_final_state)
+    tensors = (q, k, v, g, b, w)
+    return _sequence(
+        op, None, tensors, initial_state, cu_seqlens, output_final_state, context_parallel
+    )
 
 
 def gated_delta_rule2_step(
@@ -151,10 +205,10 @@ def gated_delta_rule2_step(
         interpret=interpret,
     )
     tensors = (q_t, k_t, v_t, g_t, b_t, w_t)
-    split = _split(q_t.shape[0], q_t.shape[1], packed=False)
+    split = _split(q_t.shape[0], q_t.shape[1], None, packed=False)
     if split is None:
         return op(*tensors, state=state)
-    batch, heads = split
+    batch, _, heads = split
     token_spec = PartitionSpec(batch, heads, None)
     state_spec = PartitionSpec(batch, heads, None, None)
     return _per_shard(
