@@ -84,6 +84,7 @@ class ChunkConfig:
     wy: Launch = Launch(num_warps=4, num_stages=1)
     intra_bwd_block_k: int = 32  # K tile (grid axis) of the intra-chunk score backward
     intra_bwd: Launch = Launch(num_warps=4, num_stages=1)
+    intra_bwd_diag: Launch = Launch(num_warps=2, num_stages=1)  # its diagonal 16x16 blocks
 
     # Which dimension each tile splits (aux_block slices both).
     TILED = (
