@@ -81,6 +81,7 @@ def test_gradients_run_the_backward_kernels():
         "gdn2_chunk_fwd_state_save": 1,
         "gdn2_chunk_bwd_dstate": 1,
         "gdn2_chunk_bwd_wy": 1,
+        "gdn2_chunk_bwd_diag": 1,
         "gdn2_chunk_bwd_intra": 1,
     }
 
