@@ -251,9 +251,28 @@ def _intra_bwd_diag(refs, bi, h, bh, r0, q, bk_, G, ks, carry, *, col0):
     return jax.lax.fori_loop(0, SUB, body, carry)
 
 
+def _intra_bwd_diag_kernel(*refs, H, scale, bk):
+    q_ref, k_ref, b_ref, G_ref, daqk_ref, dt_ref, dqd_ref, dbkd_ref, dkd_ref = refs
+    s, kb, bh = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    bi, h = bh // H, bh % H
+    ks = pl.ds(pl.multiple_of(kb * bk, bk), bk)
+    r0 = s * SUB
+    rows = pl.ds(r0, SUB)
+    q = q_ref[bi, rows, h, ks].astype(F32) * scale
+    bk_ = b_ref[bi, rows, h, ks].astype(F32) * k_ref[bi, rows, h, ks].astype(F32)
+    G = G_ref[bh, rows, ks]
+    zero = jnp.zeros((SUB, bk), F32)
+    diag_refs = (k_ref, G_ref, daqk_ref, dt_ref)
+    col0 = SUB * (s % NUM_SUB)
+    dq, dbk, dk = _intra_bwd_diag(
+        diag_refs, bi, h, bh, r0, q, bk_, G, ks, (zero, zero, zero), col0=col0
+    )
+    dqd_ref[bh, rows, ks], dbkd_ref[bh, rows, ks], dkd_ref[bh, rows, ks] = dq, dbk, dk
+
+
 def _intra_bwd_kernel(*refs, H, scale, bk, num):
     q_ref, k_ref, b_ref, G_ref, daqk_ref, dt_ref, dqp_ref, dkp_ref, dbp_ref, dGp_ref = refs[:10]
-    dq_ref, dk_ref, db_ref, dg_ref = refs[10:]
+    dqd_ref, dbkd_ref, dkd_ref, dq_ref, dk_ref, db_ref, dg_ref = refs[10:]
     c, kb, bh = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     bi, h = bh // H, bh % H
     ks = pl.ds(pl.multiple_of(kb * bk, bk), bk)
@@ -267,9 +286,10 @@ def _intra_bwd_kernel(*refs, H, scale, bk, num):
         b = b_ref[bi, rows, h, ks].astype(F32)
         G = G_ref[bh, rows, ks]
         off_refs = (q_ref, k_ref, b_ref, G_ref, daqk_ref, dt_ref)
-        acc = _intra_bwd_offdiag(off_refs, bi, h, bh, t0, p, G, ks, scale=scale, bk=bk, num=num)
-        diag_refs = (k_ref, G_ref, daqk_ref, dt_ref)
-        dq, dbk, dk = _intra_bwd_diag(diag_refs, bi, h, bh, r0, q, b * k, G, ks, acc, col0=SUB * p)
+        dq, dbk, dk = _intra_bwd_offdiag(
+            off_refs, bi, h, bh, t0, p, G, ks, scale=scale, bk=bk, num=num
+        )
+        dq, dbk, dk = dq + dqd_ref[prow], dbk + dbkd_ref[prow], dk + dkd_ref[prow]
         dG = dGp_ref[prow] + q * dq + b * k * dbk - k * dk
         total = jnp.sum(dG, axis=0)
         # Reverse cumulative sum (Eq. 82) without a reverse scan: total − cumsum + x.
@@ -282,12 +302,28 @@ def _intra_bwd_kernel(*refs, H, scale, bk, num):
         dg_ref[tok] = dg
 
 
+def _intra_bwd_diag_call(q, k, b, G, daqk, dt, *, scale, bk, cfg, num):
+    """The diagonal blocks' share of dq, d(b⊙k), dk, token-parallel: float32 [BH, Tp, K] each."""
+    B, Tp, H, K = q.shape
+    kernel = functools.partial(_intra_bwd_diag_kernel, H=H, scale=scale, bk=bk)
+    part = jax.ShapeDtypeStruct((B * H, Tp, K), F32)
+    return pl.pallas_call(
+        kernel,
+        out_shape=[part, part, part],
+        grid=(Tp // SUB, K // bk, B * H),
+        compiler_params=compiler_params(cfg.intra_bwd_diag),
+        interpret=num.interpret,
+        name="gdn2_chunk_bwd_diag",
+    )(q, k, b, G, daqk, dt)
+
+
 def chunk_intra_bwd(q, k, b, G, wy, *, scale, cfg, num):
     """Final dq, dk, db (input dtypes) and dg (float32), all [B, Tp, H, K]."""
     B, Tp, H, K = q.shape
     bk = min(cfg.intra_bwd_block_k, K)
-    kernel = functools.partial(_intra_bwd_kernel, H=H, scale=scale, bk=bk, num=num)
     dq_p, dk_p, db_p, dG_p, daqk, dt = wy
+    diag = _intra_bwd_diag_call(q, k, b, G, daqk, dt, scale=scale, bk=bk, cfg=cfg, num=num)
+    kernel = functools.partial(_intra_bwd_kernel, H=H, scale=scale, bk=bk, num=num)
     return pl.pallas_call(
         kernel,
         out_shape=[
@@ -300,4 +336,4 @@ def chunk_intra_bwd(q, k, b, G, wy, *, scale, cfg, num):
         compiler_params=compiler_params(cfg.intra_bwd),
         interpret=num.interpret,
         name="gdn2_chunk_bwd_intra",
-    )(q, k, b, G, daqk, dt, dq_p, dk_p, db_p, dG_p)
+    )(q, k, b, G, daqk, dt, dq_p, dk_p, db_p, dG_p, *diag)

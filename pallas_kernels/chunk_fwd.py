@@ -1,10 +1,14 @@
 """Forward kernels of the chunkwise WY algorithm (paper App. A, C.2).
 
-`chunk_intra`: one program per (chunk, batch·head) builds everything that does not depend on the
-carried state: G = cumsum(g), A_qk and T with the safe decay factorization, (I + T)⁻¹ by 16×16
-blocks, U, Y, Q_γ and K_tail. `chunk_state`: one program per (V block, batch·head) walks the chunks
-in order with the state tile S [K, BV] resident in registers and emits O = Q_γ S + A_qk R and the
-final states; its residual-saving variant also stores each chunk's S₀ and R for the backward.
+`chunk_intra` builds everything that does not depend on the carried state, in three steps: the
+within-chunk cumulative log-decay G = cumsum(g) (XLA, float32); the diagonal 16×16 blocks of A_qk
+and T, whose pairwise decays are exact only column by column, token-parallel (one program per
+16-row sub-block, so their register-hungry loop does not share a program with the rest); then one
+program per (chunk, batch·head) for the off-diagonal blocks with the safe decay factorization,
+(I + T)⁻¹ by 16×16 blocks, U, Y, Q_γ and K_tail. `chunk_state`: one program per (V block,
+batch·head) walks the chunks in order with the state tile S [K, BV] resident in registers and
+emits O = Q_γ S + A_qk R and the final states; its residual-saving variant also stores each
+chunk's S₀ and R for the backward.
 
 Layouts: token arrays are [B, Tp, H, D] (the op's); per-head intermediates are [B·H, Tp, D] so that
 each chunk's tile is contiguous.
@@ -23,11 +27,13 @@ HALF = SUB // 2
 _PAIRS = tuple((i, j) for i in range(1, NUM_SUB) for j in range(i))
 
 
-def _chunk_cumsum(g_ref, G_ref, gc_ref, bi, h, bh, c):
-    """G = within-chunk cumulative log-decay (float32), written once and re-read by sub-block."""
-    G = jnp.cumsum(g_ref[bi, pl.ds(c * CHUNK, CHUNK), h, :], axis=0)
-    G_ref[bh, pl.ds(c * CHUNK, CHUNK), :] = G
-    gc_ref[bh, c, :] = row(G, CHUNK - 1)
+def chunk_cumsum(g):
+    """G [BH, Tp, K]: the within-chunk cumulative log-decay of g [B, Tp, H, K] (float32), and
+    gc [BH, NT, K]: G at each chunk's last row (the chunk's total decay)."""
+    B, Tp, H, K = g.shape
+    G = jnp.cumsum(g.astype(F32).reshape(B, Tp // CHUNK, CHUNK, H, K), axis=2)
+    G = G.reshape(B, Tp, H, K).transpose(0, 2, 1, 3).reshape(B * H, Tp, K)
+    return G, G[:, CHUNK - 1 :: CHUNK]
 
 
 def _offdiag_scores(q_ref, k_ref, b_ref, G_ref, bi, h, bh, t0, *, K, bk, scale, num):
@@ -160,22 +166,44 @@ def _aux(refs, bi, h, bh, c, *, K, V, scale, block, num):
     jax.lax.fori_loop(0, K // bk, k_body, 0)
 
 
-def _intra_kernel(q_ref, k_ref, g_ref, b_ref, v_ref, w_ref, *outs, H, K, V, scale, cfg, num):
-    G_ref, gc_ref, aqk_ref, ainv_ref, u_ref, y_ref, qg_ref, kt_ref = outs
+def _diag_kernel(q_ref, k_ref, b_ref, G_ref, a_ref, t_ref, *, H, K, scale, precision):
+    s, bh = pl.program_id(0), pl.program_id(1)
+    r0 = s * SUB
+    a_d, t_d = _diag_scores(
+        q_ref, k_ref, b_ref, G_ref, bh // H, bh % H, bh, r0, K=K, scale=scale, precision=precision
+    )
+    a_ref[bh, pl.ds(r0, SUB), :] = a_d
+    t_ref[bh, pl.ds(r0, SUB), :] = t_d
+
+
+def chunk_diag(q, k, b, G, *, scale, cfg: ChunkConfig, num: Numerics):
+    """The diagonal 16×16 blocks of A_qk (j ≤ r) and T (j < r), float32 [BH, Tp, 16] each."""
+    B, Tp, H, K = q.shape
+    kernel = functools.partial(_diag_kernel, H=H, K=K, scale=scale, precision=num.score_precision)
+    block = jax.ShapeDtypeStruct((B * H, Tp, SUB), F32)
+    return pl.pallas_call(
+        kernel,
+        out_shape=[block, block],
+        grid=(Tp // SUB, B * H),
+        compiler_params=compiler_params(cfg.diag),
+        interpret=num.interpret,
+        name="gdn2_chunk_fwd_diag",
+    )(q, k, b, G)
+
+
+def _intra_kernel(*refs, H, K, V, scale, cfg, num):
+    q_ref, k_ref, b_ref, v_ref, w_ref, G_ref, gc_ref, a_diag_ref, t_diag_ref = refs[:9]
+    aqk_ref, ainv_ref, u_ref, y_ref, qg_ref, kt_ref = refs[9:]
     c, bh = pl.program_id(0), pl.program_id(1)
     bi, h = bh // H, bh % H
     t0 = c * CHUNK
-    _chunk_cumsum(g_ref, G_ref, gc_ref, bi, h, bh, c)
-    barrier(num)
     bk = min(cfg.intra_block_k, K)
     score_refs = (q_ref, k_ref, b_ref, G_ref, bi, h, bh)
     a_off, t_off = _offdiag_scores(*score_refs, t0, K=K, bk=bk, scale=scale, num=num)
     a_blocks, t_blocks = dict(a_off), dict(t_off)
     for i in range(NUM_SUB):
-        diag = _diag_scores(
-            *score_refs, t0 + SUB * i, K=K, scale=scale, precision=num.score_precision
-        )
-        a_blocks[(i, i)], t_blocks[(i, i)] = diag
+        rows = pl.ds(t0 + SUB * i, SUB)
+        a_blocks[(i, i)], t_blocks[(i, i)] = a_diag_ref[bh, rows, :], t_diag_ref[bh, rows, :]
     _store_blocks(aqk_ref, bh, t0, a_blocks, aqk_ref.dtype)
     _store_blocks(ainv_ref, bh, t0, _solve_blocks(t_blocks, num.solve_precision), ainv_ref.dtype)
     barrier(num)
@@ -184,15 +212,15 @@ def _intra_kernel(q_ref, k_ref, g_ref, b_ref, v_ref, w_ref, *outs, H, K, V, scal
 
 
 def chunk_intra(q, k, v, g, b, w, *, scale, cfg: ChunkConfig, num: Numerics):
-    """State-independent chunk quantities. Returns (G, γ_C, A_qk, A⁻¹... ) as a dict of
-    G [BH, Tp, K] f32, gc [BH, NT, K] f32 (G at the chunk's last row), aqk and ainv [BH, Tp, 64],
-    u [BH, Tp, V], y, qg, kt [BH, Tp, K] (the last six in the matmul dtype)."""
+    """State-independent chunk quantities, as a dict of G [BH, Tp, K] f32, gc [BH, NT, K] f32
+    (G at the chunk's last row), aqk and ainv [BH, Tp, 64], u [BH, Tp, V], y, qg, kt [BH, Tp, K]
+    (the last six in the matmul dtype)."""
     B, Tp, H, K = q.shape
     V = v.shape[-1]
-    NT, BH, dt = Tp // CHUNK, B * H, num.mm_dtype
+    BH, dt = B * H, num.mm_dtype
+    G, gc = chunk_cumsum(g)
+    a_diag, t_diag = chunk_diag(q, k, b, G, scale=scale, cfg=cfg, num=num)
     shapes = dict(
-        G=(BH, Tp, K, F32),
-        gc=(BH, NT, K, F32),
         aqk=(BH, Tp, CHUNK, dt),
         ainv=(BH, Tp, CHUNK, dt),
         u=(BH, Tp, V, dt),
@@ -204,12 +232,12 @@ def chunk_intra(q, k, v, g, b, w, *, scale, cfg: ChunkConfig, num: Numerics):
     outs = pl.pallas_call(
         kernel,
         out_shape=[jax.ShapeDtypeStruct(s[:-1], s[-1]) for s in shapes.values()],
-        grid=(NT, BH),
+        grid=(Tp // CHUNK, BH),
         compiler_params=compiler_params(cfg.intra),
         interpret=num.interpret,
         name="gdn2_chunk_fwd_intra",
-    )(q, k, g, b, v, w)
-    return dict(zip(shapes, outs, strict=True))
+    )(q, k, b, v, w, G, gc, a_diag, t_diag)
+    return {"G": G, "gc": gc, **dict(zip(shapes, outs, strict=True))}
 
 
 def _state_kernel(*refs, H, K, NT, bv, num):

@@ -74,6 +74,7 @@ class ChunkConfig:
     intra_block_k: int = 32  # K slice of the off-diagonal score loop (forward intra kernel)
     aux_block: int = 64  # column slice of U, Y, Q_γ, K_tail (forward intra kernel)
     intra: Launch = Launch(num_warps=4, num_stages=1)
+    diag: Launch = Launch(num_warps=2, num_stages=1)  # the forward's diagonal 16x16 blocks
     state_block_v: int = 64  # V columns of the carried state per program (forward state pass)
     state: Launch = Launch(num_warps=4, num_stages=2)
     dstate_block_v: int = 64  # V columns of the carried state gradient (reverse state pass)
@@ -83,6 +84,7 @@ class ChunkConfig:
     wy: Launch = Launch(num_warps=4, num_stages=1)
     intra_bwd_block_k: int = 32  # K tile (grid axis) of the intra-chunk score backward
     intra_bwd: Launch = Launch(num_warps=4, num_stages=1)
+    intra_bwd_diag: Launch = Launch(num_warps=2, num_stages=1)  # its diagonal 16x16 blocks
 
     # Which dimension each tile splits (aux_block slices both).
     TILED = (

@@ -21,7 +21,7 @@ from pallas_kernels import ChunkConfig, Launch, RecurrentConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
-CHUNK_FORWARD = {"gdn2_chunk_fwd_intra": 1, "gdn2_chunk_fwd_state": 1}
+CHUNK_FORWARD = {"gdn2_chunk_fwd_diag": 1, "gdn2_chunk_fwd_intra": 1, "gdn2_chunk_fwd_state": 1}
 SERIAL = {"gdn2_recurrent_fwd": 1}
 OFF_GPU = jax.default_backend() != "gpu"
 
@@ -76,10 +76,12 @@ def test_gradients_run_the_backward_kernels():
 
     counts = kernel_names(jax.grad(loss, argnums=tuple(range(6))), *_args())
     assert counts == {
+        "gdn2_chunk_fwd_diag": 1,
         "gdn2_chunk_fwd_intra": 1,
         "gdn2_chunk_fwd_state_save": 1,
         "gdn2_chunk_bwd_dstate": 1,
         "gdn2_chunk_bwd_wy": 1,
+        "gdn2_chunk_bwd_diag": 1,
         "gdn2_chunk_bwd_intra": 1,
     }
 

@@ -118,8 +118,13 @@ def test_remat_recomputes_each_forward_kernel_once():
     once; with remat the forward kernels run twice (forward, and recomputed in the backward)."""
     cfg = ModelConfig.preset("tiny", gdn2_backend="pallas", gdn2_interpret=True)
     tokens = _tokens(1, 64, cfg.vocab_size)
-    backward = ("gdn2_chunk_bwd_dstate", "gdn2_chunk_bwd_wy", "gdn2_chunk_bwd_intra")
-    forward = ("gdn2_chunk_fwd_intra", "gdn2_chunk_fwd_state_save")
+    backward = (
+        "gdn2_chunk_bwd_dstate",
+        "gdn2_chunk_bwd_wy",
+        "gdn2_chunk_bwd_diag",
+        "gdn2_chunk_bwd_intra",
+    )
+    forward = ("gdn2_chunk_fwd_diag", "gdn2_chunk_fwd_intra", "gdn2_chunk_fwd_state_save")
     blocks = cfg.num_layers
     for remat, runs in ((False, 1), (True, 2)):
         model = CausalLM(dataclasses.replace(cfg, remat=remat), rngs=nnx.Rngs(0))

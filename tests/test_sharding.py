@@ -126,7 +126,11 @@ def test_layer_paths_run_their_kernels_per_shard():
     child = run_python([__file__, "layer-under-mesh"], num_cpu_devices=8)
     assert child.returncode == 0, child.stderr[-3000:]
     r = json.loads(child.stdout.strip().splitlines()[-1])
-    assert r["chunk"]["kernels"] == {"gdn2_chunk_fwd_intra": 1, "gdn2_chunk_fwd_state": 1}
+    assert r["chunk"]["kernels"] == {
+        "gdn2_chunk_fwd_diag": 1,
+        "gdn2_chunk_fwd_intra": 1,
+        "gdn2_chunk_fwd_state": 1,
+    }
     assert r["short_eval"]["kernels"] == {"gdn2_recurrent_fwd": 1}
     assert r["step"]["kernels"] == {"gdn2_recurrent_fwd": 1}
     for name, result in r.items():
