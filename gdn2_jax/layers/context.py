@@ -30,6 +30,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from gdn2_jax.layers.conv import ShortConvolution
+from gdn2_jax.ops.context import spec_axes
 
 if TYPE_CHECKING:  # the attention layer imports this module
     from gdn2_jax.layers.attention import Attention
@@ -153,11 +154,6 @@ def attention(attn: Attention, x, *, axis_name="context", segment_ids=None):
 # ------------------------------------------------------------ the same on global arrays
 
 
-def _axes(names):
-    names = tuple(names)
-    return names if len(names) > 1 else (names[0] if names else None)
-
-
 def _mesh(mesh):
     return jax.sharding.get_abstract_mesh() if mesh is None else mesh
 
@@ -180,8 +176,8 @@ def context_parallel_attention(
     """
     B, T, _ = x.shape
     q, k, v = attn._qkv(x, jnp.arange(T))
-    batch = _axes(batch_axes)
-    spec = PartitionSpec(batch, context_axis, _axes(head_axes), None)
+    batch = spec_axes(batch_axes)
+    spec = PartitionSpec(batch, context_axis, spec_axes(head_axes), None)
     given = {} if segment_ids is None else {"segment_ids": segment_ids}
     core = functools.partial(
         attention_span, window_size=attn.window_size, axis_name=context_axis,
@@ -210,7 +206,7 @@ def context_parallel_short_conv(
     """`conv(x, segment_ids=...)[0]` on global x [B, T, D] with T split over `context_axis` and
     channels over `channel_axes` (the weight [W, D] split with them), under shard_map."""
     graphdef, params = nnx.split(conv)
-    batch, channels = _axes(batch_axes), _axes(channel_axes)
+    batch, channels = spec_axes(batch_axes), spec_axes(channel_axes)
     given = {} if segment_ids is None else {"segment_ids": segment_ids}
 
     def local(params, x, given):
@@ -235,7 +231,7 @@ def context_parallel_segment_starts(
 ):
     """`segment_starts` on global segment ids [B, T] with T split over `context_axis`: where
     the GDN-2 layer resets its state, each span reading the previous span's last document."""
-    spec = PartitionSpec(_axes(batch_axes), context_axis)
+    spec = PartitionSpec(spec_axes(batch_axes), context_axis)
     return jax.shard_map(
         functools.partial(segment_starts, axis_name=context_axis),
         mesh=_mesh(mesh),

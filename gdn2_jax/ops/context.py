@@ -194,7 +194,8 @@ def gated_delta_rule2_context(
     return o.astype(v.dtype), final
 
 
-def _axes(names):
+def spec_axes(names):
+    """A PartitionSpec entry for mesh axes `names`: None, one name, or a tuple of names."""
     names = tuple(names)
     return names if len(names) > 1 else (names[0] if names else None)
 
@@ -235,7 +236,7 @@ def context_parallel_gated_delta_rule2(
         raise ValueError(
             f"packed sequences (cu_seqlens) share one row; got batch_axes {batch_axes}"
         )
-    batch, heads = _axes(batch_axes), _axes(head_axes)
+    batch, heads = spec_axes(batch_axes), spec_axes(head_axes)
     x_spec = PartitionSpec(batch, context_axis, heads, None)
     state_spec = PartitionSpec(batch, heads, None, None)
     given = {"initial_state": initial_state, "cu_seqlens": cu_seqlens}

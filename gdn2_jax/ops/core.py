@@ -48,7 +48,7 @@ def _xla_bwd(scale, chunk_size, residuals, cotangents):
 xla_chunk_core.defvjp(_xla_fwd, _xla_bwd)
 
 
-def _pallas_kernel(module, name):
+def pallas_kernel(module, name):
     """A kernel of `pallas_kernels`, imported on first use so that the op never needs it."""
     try:
         return getattr(importlib.import_module(module), name)
@@ -70,7 +70,7 @@ def xla_chunk(q, k, v, g, b, w, h0s, cu_seqlens, scale, chunk_size, interpret):
 
 
 def pallas_chunk(q, k, v, g, b, w, h0s, cu_seqlens, scale, chunk_size, interpret):
-    core = functools.partial(_pallas_kernel("pallas_kernels", "chunk_core"), interpret=interpret)
+    core = functools.partial(pallas_kernel("pallas_kernels", "chunk_core"), interpret=interpret)
     return _on_chunks(core, q, k, v, g, b, w, h0s, cu_seqlens, scale, chunk_size)
 
 
@@ -94,7 +94,7 @@ def pallas_recurrent(q, k, v, g, b, w, h0s, cu_seqlens, scale, interpret):
     """`scan_recurrent` on the Pallas token-serial kernel."""
     packed = cu_seqlens is not None
     initial = h0s[:-1, 0] if packed else h0s[0]
-    kernel = _pallas_kernel("pallas_kernels", "recurrent")
+    kernel = pallas_kernel("pallas_kernels", "recurrent")
     o, final = kernel(
         q, k, v, g, b, w, initial, scale=scale, cu_seqlens=cu_seqlens, interpret=interpret
     )

@@ -10,7 +10,6 @@ explicitly either runs or raises NotImplementedError with the reason. Nothing sw
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from collections.abc import Callable
 
 import jax
@@ -49,14 +48,6 @@ def _always(request: Request) -> None:
     del request
 
 
-def _pallas_module():
-    """`pallas_kernels`, imported on first use so the op itself never needs it."""
-    try:
-        return importlib.import_module("pallas_kernels")
-    except ImportError as err:
-        return err
-
-
 def _pallas_supports(kernel_check: str) -> Callable[[Request], str | None]:
     def supports(request: Request) -> str | None:
         if request.platform != "gpu" and not request.interpret:
@@ -64,12 +55,11 @@ def _pallas_supports(kernel_check: str) -> Callable[[Request], str | None]:
                 f"the Pallas kernels need a GPU (this is {request.platform!r}); pass "
                 "interpret=True to run them in Pallas interpret mode"
             )
-        module = _pallas_module()
-        if isinstance(module, ImportError):
-            return f"the pallas_kernels package is not available: {module}"
-        return getattr(module, kernel_check)(
-            request.K, request.V, request.dtypes, request.chunk_size
-        )
+        try:
+            unsupported = core.pallas_kernel("pallas_kernels", kernel_check)
+        except NotImplementedError as err:  # the package is not importable
+            return str(err)
+        return unsupported(request.K, request.V, request.dtypes, request.chunk_size)
 
     return supports
 
