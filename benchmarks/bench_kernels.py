@@ -2,6 +2,7 @@
 
     python benchmarks/bench_kernels.py --shapes 4x4096 1x16384
     python benchmarks/bench_kernels.py --shapes 4x4096 --sweep   # launch-config variants too
+    python benchmarks/bench_kernels.py --shapes 4x4096 --sweep "fwd diag"   # one stage's
 
 Each Pallas launch is jitted alone on the intermediates the previous launch produced; times are
 medians (ms). fla's kernels are read off one profiled forward+backward (device time per kernel).
@@ -42,7 +43,11 @@ PARTS = ("fwd diag", "fwd state")  # not added to the total
 
 # Per stage: the config fields it reads, and values to try for them.
 SWEEP = {
-    "fwd intra": [
+    "fwd diag": [
+        {"diag": Launch(w, 1), "diag_block_k": bk} for w, bk in [(4, 16), (4, 32), (2, 32), (1, 16)]
+    ],
+    "fwd intra": [{"solve": "tf32x3"}, {"solve": "tf32"}]
+    + [
         {"intra": Launch(w, s), "intra_block_k": bk}
         for w, s, bk in [(2, 1, 64), (8, 1, 64), (4, 2, 64), (4, 1, 32), (2, 1, 32)]
     ],
@@ -61,6 +66,10 @@ SWEEP = {
     "bwd intra": [
         {"intra_bwd": Launch(w, s), "intra_bwd_block_k": bk}
         for w, s, bk in [(2, 1, 32), (8, 1, 32), (4, 2, 32), (4, 1, 64)]
+    ]
+    + [
+        {"intra_bwd_diag": Launch(w, 1), "intra_bwd_diag_block_k": bk}
+        for w, bk in [(4, 16), (4, 32), (2, 32), (1, 16)]
     ],
 }
 
@@ -106,7 +115,7 @@ def intermediates(case: Case) -> Intermediates:
 def stage_fns(case: Case, cfg: ChunkConfig):
     """Stage name -> jitted function of an `Intermediates`, every launch under `cfg`."""
     dtype = jnp.dtype(case.dtype)
-    num = numerics_for(dtype, interpret=jax.default_backend() != "gpu")
+    num = numerics_for(dtype, interpret=jax.default_backend() != "gpu", solve=cfg.solve)
     kw = dict(cfg=cfg, num=num)
     scale = case.K**-0.5
 
@@ -180,10 +189,10 @@ def time_stage(fn, it, iters):
     return median_ms(lambda: fn(it), 3, iters, jax.block_until_ready)
 
 
-def sweep(case: Case, it: Intermediates, iters):
+def sweep(case: Case, it: Intermediates, iters, stages):
     base = default_chunk_config(jnp.dtype(case.dtype))
-    for stage, variants in SWEEP.items():
-        for fields in variants:
+    for stage in stages:
+        for fields in SWEEP[stage]:
             label = " ".join(f"{k}={v}" for k, v in fields.items())
             try:
                 ms = time_stage(
@@ -199,7 +208,7 @@ def main():
     parser.add_argument("--shapes", nargs="+", default=["4x4096", "1x16384"])
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--sweep", nargs="*", choices=sorted(SWEEP), help="stages (default all)")
     args = parser.parse_args()
     for shape in args.shapes:
         case = Case(*map(int, shape.split("x")), dtype=args.dtype)
@@ -212,8 +221,8 @@ def main():
             total += 0.0 if name in PARTS else ms
             print(f"  pallas {name:<16} {ms:8.3f} ms", flush=True)
         print(f"  pallas fwd(save)+bwd kernels {total:8.3f} ms")
-        if args.sweep:
-            sweep(case, it, args.iters)
+        if args.sweep is not None:
+            sweep(case, it, args.iters, args.sweep or list(SWEEP))
         if fla_available():
             times = fla_kernel_times(case)
             for name, ms in sorted(times.items(), key=lambda kv: -kv[1]):

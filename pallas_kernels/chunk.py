@@ -36,7 +36,7 @@ def _numerics(q, v, g, chunk_size, cfg, interpret):
         raise NotImplementedError(reason)
     cfg = cfg or default_chunk_config(q.dtype)
     cfg.check_dims(q.shape[-1], v.shape[-1])
-    return numerics_for(q.dtype, interpret=interpret), cfg
+    return numerics_for(q.dtype, interpret=interpret, solve=cfg.solve), cfg
 
 
 def _cast_inputs(q, k, v, g, b, w):

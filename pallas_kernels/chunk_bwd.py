@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels.common import F32, Numerics, compiler_params, iota, mm, mm_cast
-from pallas_kernels.config import CHUNK, NUM_SUB, SUB, ChunkConfig
+from pallas_kernels.config import CHUNK, NUM_SUB, SUB, ChunkConfig, state_tile_v
 
 
 def _dstate_kernel(*refs, H, K, NT, bv, num):
@@ -63,7 +63,7 @@ def chunk_dstate(intra, saved_shape, segments, do, dfinals, *, cfg: ChunkConfig,
     _, _, H, K, V = dfinals.shape
     BH, NT = saved_shape[:2]
     Tp = NT * CHUNK
-    bv = min(cfg.dstate_block_v, V)
+    bv = state_tile_v(cfg.dstate_block_v, K, V)
     seq, first, last = (x.astype(jnp.int32) for x in segments)
     kernel = functools.partial(_dstate_kernel, H=H, K=K, NT=NT, bv=bv, num=num)
     names = ("aqk", "kt", "qg", "y", "gc")
@@ -230,44 +230,27 @@ def _intra_bwd_offdiag(refs, bi, h, bh, t0, p, G, ks, *, scale, bk, num):
     return dq, dbk, dk
 
 
-def _intra_bwd_diag(refs, bi, h, bh, r0, q, bk_, G, ks, carry, *, col0):
-    """The diagonal block pairwise, column j at a time, the causal mask applied before exp."""
-    k_ref, G_ref, daqk_ref, dt_ref = refs
-    rows = pl.ds(r0, SUB)
-    r = iota(G.shape, 0)
-
-    def body(j, carry):
-        dq, dbk, dk = carry
-        kj = k_ref[bi, r0 + j, h, ks].astype(F32)[None, :]
-        E = jnp.exp(jnp.where(r >= j, G - G_ref[bh, r0 + j, ks][None, :], -jnp.inf))
-        aq = daqk_ref[bh, rows, col0 + j][:, None]
-        at = dt_ref[bh, rows, col0 + j][:, None]
-        dq = dq + aq * kj * E
-        dbk = dbk + at * kj * E
-        dk_row = jnp.sum((aq * q + at * bk_) * E, axis=0)
-        dk = dk + jnp.where(r == j, dk_row[None, :], 0.0)
-        return dq, dbk, dk
-
-    return jax.lax.fori_loop(0, SUB, body, carry)
-
-
 def _intra_bwd_diag_kernel(*refs, H, scale, bk):
+    """The diagonal block's VJP, every pair (r, j ≤ r) at once as a [16, 16, bk] tile with the
+    exact pairwise decay E = exp(G_r − G_j), masked before the exp (float32, CUDA cores)."""
     q_ref, k_ref, b_ref, G_ref, daqk_ref, dt_ref, dqd_ref, dbkd_ref, dkd_ref = refs
     s, kb, bh = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     bi, h = bh // H, bh % H
     ks = pl.ds(pl.multiple_of(kb * bk, bk), bk)
-    r0 = s * SUB
-    rows = pl.ds(r0, SUB)
+    rows = pl.ds(s * SUB, SUB)
+    cols = pl.ds(SUB * (s % NUM_SUB), SUB)
     q = q_ref[bi, rows, h, ks].astype(F32) * scale
-    bk_ = b_ref[bi, rows, h, ks].astype(F32) * k_ref[bi, rows, h, ks].astype(F32)
+    k = k_ref[bi, rows, h, ks].astype(F32)
+    bk_ = b_ref[bi, rows, h, ks].astype(F32) * k
     G = G_ref[bh, rows, ks]
-    zero = jnp.zeros((SUB, bk), F32)
-    diag_refs = (k_ref, G_ref, daqk_ref, dt_ref)
-    col0 = SUB * (s % NUM_SUB)
-    dq, dbk, dk = _intra_bwd_diag(
-        diag_refs, bi, h, bh, r0, q, bk_, G, ks, (zero, zero, zero), col0=col0
-    )
-    dqd_ref[bh, rows, ks], dbkd_ref[bh, rows, ks], dkd_ref[bh, rows, ks] = dq, dbk, dk
+    causal = iota((SUB, SUB, 1), 1) <= iota((SUB, SUB, 1), 0)
+    E = jnp.exp(jnp.where(causal, G[:, None, :] - G[None, :, :], -jnp.inf))
+    aq = daqk_ref[bh, rows, cols][:, :, None]
+    at = dt_ref[bh, rows, cols][:, :, None]
+    kE = k[None, :, :] * E
+    dqd_ref[bh, rows, ks] = jnp.sum(aq * kE, axis=1)
+    dbkd_ref[bh, rows, ks] = jnp.sum(at * kE, axis=1)
+    dkd_ref[bh, rows, ks] = jnp.sum((aq * q[:, None, :] + at * bk_[:, None, :]) * E, axis=0)
 
 
 def _intra_bwd_kernel(*refs, H, scale, bk, num):
@@ -302,9 +285,10 @@ def _intra_bwd_kernel(*refs, H, scale, bk, num):
         dg_ref[tok] = dg
 
 
-def _intra_bwd_diag_call(q, k, b, G, daqk, dt, *, scale, bk, cfg, num):
+def _intra_bwd_diag_call(q, k, b, G, daqk, dt, *, scale, cfg, num):
     """The diagonal blocks' share of dq, d(b⊙k), dk, token-parallel: float32 [BH, Tp, K] each."""
     B, Tp, H, K = q.shape
+    bk = min(cfg.intra_bwd_diag_block_k, K)
     kernel = functools.partial(_intra_bwd_diag_kernel, H=H, scale=scale, bk=bk)
     part = jax.ShapeDtypeStruct((B * H, Tp, K), F32)
     return pl.pallas_call(
@@ -322,7 +306,7 @@ def chunk_intra_bwd(q, k, b, G, wy, *, scale, cfg, num):
     B, Tp, H, K = q.shape
     bk = min(cfg.intra_bwd_block_k, K)
     dq_p, dk_p, db_p, dG_p, daqk, dt = wy
-    diag = _intra_bwd_diag_call(q, k, b, G, daqk, dt, scale=scale, bk=bk, cfg=cfg, num=num)
+    diag = _intra_bwd_diag_call(q, k, b, G, daqk, dt, scale=scale, cfg=cfg, num=num)
     kernel = functools.partial(_intra_bwd_kernel, H=H, scale=scale, bk=bk, num=num)
     return pl.pallas_call(
         kernel,

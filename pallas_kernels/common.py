@@ -23,7 +23,8 @@ class Numerics:
     mm_precision:    precision of those matmuls when mm_dtype is float32.
     score_precision: float32 matmuls of decay-factored tiles (TF32 for 16-bit inputs: their
                      operands carry exp factors that bf16 would round).
-    solve_precision: the blocked triangular solve, always full float32 (paper D.4).
+    solve_precision: the blocked triangular solve's block merges (`SOLVE_PRECISIONS`, chosen by
+                     `ChunkConfig.solve`; float32 by default, paper D.4).
     """
 
     mm_dtype: jnp.dtype
@@ -33,15 +34,26 @@ class Numerics:
     interpret: bool
 
 
-def numerics_for(dtype, interpret):
+# ChunkConfig.solve -> the dot precision of the solve's block merges. "float32" is IEEE float32
+# (off the tensor cores under the Triton lowering), "tf32x3" float32-accurate on the tensor cores,
+# "tf32" one TF32 pass.
+SOLVE_PRECISIONS = {
+    "float32": HIGHEST,
+    "tf32x3": TF32X3,
+    "tf32": jax.lax.Precision.DEFAULT,
+}
+
+
+def numerics_for(dtype, interpret, solve="float32"):
     dtype = jnp.dtype(dtype)
     if interpret:
         # The CPU evaluates every float32 dot exactly; TF32 algorithms do not exist there.
         exact = None if dtype != F32 else HIGHEST
         return Numerics(dtype, exact, HIGHEST, HIGHEST, True)
+    solve_precision = SOLVE_PRECISIONS[solve]
     if dtype == F32:
-        return Numerics(dtype, TF32X3, TF32X3, HIGHEST, False)
-    return Numerics(dtype, None, jax.lax.Precision.DEFAULT, HIGHEST, False)
+        return Numerics(dtype, TF32X3, TF32X3, solve_precision, False)
+    return Numerics(dtype, None, jax.lax.Precision.DEFAULT, solve_precision, False)
 
 
 def mm(a, b, precision=None, *, ta=False, tb=False):
@@ -77,7 +89,7 @@ def dims_unsupported(K, V):
         if d not in SUPPORTED_DIMS:
             return (
                 f"pallas kernels support {name} in {SUPPORTED_DIMS} (powers of two >= 16 for "
-                f"Triton dots, <= 128 so the state tile fits in registers), got {name}={d}"
+                f"Triton dots, <= 256 so a state tile fits in registers), got {name}={d}"
             )
     return None
 

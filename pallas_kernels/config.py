@@ -17,10 +17,19 @@ import jax.numpy as jnp
 CHUNK = 64  # tokens per chunk (the WY block)
 SUB = 16  # rows per sub-block of the safe factorization and of the blocked triangular solve
 NUM_SUB = CHUNK // SUB
-SUPPORTED_DIMS = (16, 32, 64, 128)  # K and V: powers of two, >= 16 for Triton dots, <= 128 regs
+SUPPORTED_DIMS = (16, 32, 64, 128, 256)  # K and V: powers of two, >= 16 for Triton dots
+# Elements of a state-pass program's float32 state tile S [K, BV]: a [128, 64] tile keeps it in
+# registers; at K = 256 the V tile halves so the tile stays that size.
+MAX_STATE_TILE = 128 * 64
 MIN_TILE = 16
 WARPS = (1, 2, 4, 8, 16)
+SOLVE_CHOICES = ("float32", "tf32x3", "tf32")
 MAX_STAGES = 8
+
+
+def state_tile_v(block_v: int, K: int, V: int) -> int:
+    """The V columns per state-pass program: `block_v` clipped to V and to MAX_STATE_TILE / K."""
+    return min(block_v, V, MAX_STATE_TILE // K)
 
 
 def _is_power_of_two(n) -> bool:
@@ -36,7 +45,7 @@ def _check_tiles(config) -> None:
     owner = type(config).__name__
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
-        if isinstance(value, Launch):
+        if isinstance(value, (Launch, str)):
             continue
         _check_tile(owner, field.name, value)
 
@@ -74,6 +83,8 @@ class ChunkConfig:
     intra_block_k: int = 32  # K slice of the off-diagonal score loop (forward intra kernel)
     aux_block: int = 64  # column slice of U, Y, Q_γ, K_tail (forward intra kernel)
     intra: Launch = Launch(num_warps=4, num_stages=1)
+    solve: str = "float32"  # precision of the triangular solve's block merges: SOLVE_CHOICES
+    diag_block_k: int = 16  # K slice of the forward's diagonal [16, 16, bk] pairwise tiles
     diag: Launch = Launch(num_warps=2, num_stages=1)  # the forward's diagonal 16x16 blocks
     state_block_v: int = 64  # V columns of the carried state per program (forward state pass)
     state: Launch = Launch(num_warps=4, num_stages=2)
@@ -84,6 +95,7 @@ class ChunkConfig:
     wy: Launch = Launch(num_warps=4, num_stages=1)
     intra_bwd_block_k: int = 32  # K tile (grid axis) of the intra-chunk score backward
     intra_bwd: Launch = Launch(num_warps=4, num_stages=1)
+    intra_bwd_diag_block_k: int = 16  # K tile (grid axis) of its diagonal pairwise tiles
     intra_bwd_diag: Launch = Launch(num_warps=2, num_stages=1)  # its diagonal 16x16 blocks
 
     # Which dimension each tile splits (aux_block slices both).
@@ -94,12 +106,18 @@ class ChunkConfig:
         ("wy_block_k", "K"),
         ("wy_block_v", "V"),
         ("intra_bwd_block_k", "K"),
+        ("diag_block_k", "K"),
+        ("intra_bwd_diag_block_k", "K"),
         ("aux_block", "K"),
         ("aux_block", "V"),
     )
 
     def __post_init__(self):
         _check_tiles(self)
+        if self.solve not in SOLVE_CHOICES:
+            raise ValueError(
+                f"ChunkConfig.solve must be one of {SOLVE_CHOICES}, got {self.solve!r}"
+            )
 
     def check_dims(self, K: int, V: int) -> None:
         _check_divides(self, self.TILED, {"K": K, "V": V})

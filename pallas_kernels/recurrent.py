@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels.common import F32, compiler_params, dims_unsupported, dtypes_unsupported
-from pallas_kernels.config import DEFAULT_RECURRENT_CONFIG, RecurrentConfig
+from pallas_kernels.config import DEFAULT_RECURRENT_CONFIG, RecurrentConfig, state_tile_v
 
 
 def _recurrent_kernel(*refs, H, T, bv, scale, packed):
@@ -73,7 +73,7 @@ def recurrent(
     scale = K**-0.5 if scale is None else float(scale)
     h0 = jnp.zeros((N, H, K, V), F32) if initial_state is None else initial_state.astype(F32)
     cu = jnp.zeros((2,), jnp.int32) if not packed else cu_seqlens.astype(jnp.int32)
-    bv = min(cfg.block_v, V)
+    bv = state_tile_v(cfg.block_v, K, V)
     kernel = functools.partial(_recurrent_kernel, H=H, T=T, bv=bv, scale=scale, packed=packed)
     o, final = pl.pallas_call(
         kernel,

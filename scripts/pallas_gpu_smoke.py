@@ -1,6 +1,11 @@
 """Compile and check every Pallas kernel on the GPU against the XLA path, a line per kernel and
-configuration: python scripts/pallas_gpu_smoke.py (stops at the first lowering failure)."""
+configuration: python scripts/pallas_gpu_smoke.py (stops at the first lowering failure).
 
+The core rows compare against the XLA chunk core in float32 on the same inputs (extreme gates,
+an initial state); the `solve=` rows are the same check under each precision of the triangular
+solve (`ChunkConfig.solve`), which is how its default was chosen."""
+
+import dataclasses
 import os
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -13,7 +18,9 @@ from gdn2_jax.crosscheck import NAMES, Shape, make_inputs, rel_err
 from gdn2_jax.ops import gated_delta_rule2_recurrent
 from gdn2_jax.ops.core import xla_chunk_core
 from gdn2_jax.ops.layout import dense_segments
-from pallas_kernels import chunk_core
+from pallas_kernels import default_chunk_config
+from pallas_kernels.chunk import pallas_chunk_core
+from pallas_kernels.config import SOLVE_CHOICES
 from pallas_kernels.recurrent import recurrent
 
 
@@ -21,7 +28,7 @@ def check(label, fn):
     print(f"{label:<40} {fn()}", flush=True)
 
 
-def core_errors(dtype, K, V, T=256, B=2, H=2):
+def core_errors(dtype, K, V, T=256, B=2, H=2, solve="float32"):
     x = make_inputs(0, Shape(B=B, T=T, H=H, K=K, V=V), extreme=True)
     args = [jnp.asarray(x[n], jnp.float32 if n == "g" else dtype) for n in NAMES[:6]]
     h0s = jnp.stack([jnp.asarray(x["initial_state"]), jnp.zeros_like(x["initial_state"])])
@@ -36,7 +43,12 @@ def core_errors(dtype, K, V, T=256, B=2, H=2):
         # finals and dh0s: only slot 0 is a sequence's (slot 1 is the unused zero slot).
         return [np.asarray(x, np.float32) for x in (out[0], out[1][0], *grads[:6], grads[6][0])]
 
-    ours = run(chunk_core, [*args, h0s])
+    cfg = dataclasses.replace(default_chunk_config(dtype), solve=solve)
+
+    def pallas(*z):
+        return pallas_chunk_core(*z, cfg, False)
+
+    ours = run(pallas, [*args, h0s])
     ref = run(xla_chunk_core, [*[a.astype(jnp.float32) for a in args], h0s])
     names = ["o", "fin", *"qkvgbw", "h0"]
     return " ".join(f"{n}={rel_err(a, b):.1e}" for n, a, b in zip(names, ours, ref, strict=True))
@@ -59,10 +71,15 @@ def main():
     for dtype in (jnp.float32, jnp.bfloat16):
         check(f"recurrent {jnp.dtype(dtype).name}", lambda d=dtype: recurrent_error(d))
     for dtype in (jnp.bfloat16, jnp.float32):
-        for K, V in ((128, 128), (64, 64), (32, 16)):
+        for K, V in ((128, 128), (64, 64), (32, 16), (256, 256), (256, 64)):
             check(
                 f"core {jnp.dtype(dtype).name} K{K} V{V}",
                 lambda d=dtype, k=K, v=V: core_errors(d, k, v),
+            )
+        for solve in SOLVE_CHOICES[1:]:
+            check(
+                f"core {jnp.dtype(dtype).name} K128 V128 solve={solve}",
+                lambda d=dtype, s=solve: core_errors(d, 128, 128, solve=s),
             )
 
 

@@ -108,7 +108,7 @@ def test_pallas_off_a_gpu_without_interpret_raises(fn):
 UNSUPPORTED = {
     "chunk_size": (dict(chunk_size=32), dict(), "chunk_size=64, got 32"),
     "V=48": (dict(), dict(V=48), "V=48"),
-    "V=256": (dict(), dict(V=256), "V=256"),
+    "V=512": (dict(), dict(V=512), "V=512"),
     "K=8": (dict(), dict(K=8), "K=8"),
 }
 

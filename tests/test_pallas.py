@@ -70,23 +70,13 @@ def test_recurrent_kernel_bfloat16_output_dtype():
     assert rel_err(o.astype(jnp.float32), o_ref) <= 2e-2 and rel_err(S, S_ref) <= 2e-2
 
 
-def test_chunk_core_under_other_tiles_matches_xla_core():
-    """Every K/V loop of every kernel taken more than once (16-wide tiles at K = V = 32)."""
-    cfg = ChunkConfig(
-        intra_block_k=16,
-        aux_block=16,
-        state_block_v=16,
-        dstate_block_v=16,
-        wy_block_k=16,
-        wy_block_v=16,
-        intra_bwd_block_k=16,
-    )
-    shape = Shape(B=1, T=128, H=2, K=32, V=32)
-    x = make_inputs(44, shape, extreme=True)
+def _assert_core_matches_xla_core(cfg, shape, seed):
+    """Output, finals and every gradient (inputs and h0) of the kernels against the XLA core."""
+    x = make_inputs(seed, shape, extreme=True)
     args = [jnp.asarray(x[n]) for n in NAMES[:6]]
     h0s = jnp.stack([jnp.asarray(x["initial_state"]), jnp.zeros_like(x["initial_state"])])
-    seg = dense_segments(2)
-    rng = np.random.default_rng(45)
+    seg = dense_segments(shape.T // 64)
+    rng = np.random.default_rng(seed + 1)
     cot = tuple(jnp.asarray(rng.standard_normal(s), jnp.float32) for s in (x["v"].shape, h0s.shape))
 
     def run(core):
@@ -99,6 +89,29 @@ def test_chunk_core_under_other_tiles_matches_xla_core():
         # finals and dh0s: slot 1 is the unused zero slot.
         a, b = (a[:1], b[:1]) if n in (1, 8) else (a, b)
         assert rel_err(a, b) <= 1e-5, n
+
+
+def test_chunk_core_under_other_tiles_matches_xla_core():
+    """Every K/V loop of every kernel taken more than once (16-wide tiles at K = V = 32)."""
+    cfg = ChunkConfig(
+        intra_block_k=16,
+        aux_block=16,
+        state_block_v=16,
+        dstate_block_v=16,
+        wy_block_k=16,
+        wy_block_v=16,
+        intra_bwd_block_k=16,
+        diag_block_k=16,
+        intra_bwd_diag_block_k=16,
+    )
+    _assert_core_matches_xla_core(cfg, Shape(B=1, T=128, H=2, K=32, V=32), seed=44)
+
+
+@pytest.mark.parametrize("dims", [(256, 256), (256, 64), (64, 256)])
+def test_chunk_core_at_the_widest_heads_matches_xla_core(dims):
+    """K, V = 256: the state passes' V tile shrinks so the [K, BV] state tile keeps its size."""
+    K, V = dims
+    _assert_core_matches_xla_core(ChunkConfig(), Shape(B=1, T=64, H=1, K=K, V=V), seed=46)
 
 
 @pytest.mark.parametrize("packed", [False, True])
