@@ -82,9 +82,9 @@ class ChunkConfig:
     # 32-wide K slices beat 64 in the H100 sweep (benchmarks/RESULTS.md, 2026-11-26 session 2).
     intra_block_k: int = 32  # K slice of the off-diagonal score loop (forward intra kernel)
     aux_block: int = 64  # column slice of U, Y, Q_γ, K_tail (forward intra kernel)
-    intra: Launch = Launch(num_warps=4, num_stages=1)
+    # 2 warps: 2.26 against 2.49 ms with 4 at 4x4096 on an H200 (benchmarks/RESULTS.md).
+    intra: Launch = Launch(num_warps=2, num_stages=1)
     solve: str = "float32"  # precision of the triangular solve's block merges: SOLVE_CHOICES
-    diag_block_k: int = 16  # K slice of the forward's diagonal [16, 16, bk] pairwise tiles
     diag: Launch = Launch(num_warps=2, num_stages=1)  # the forward's diagonal 16x16 blocks
     state_block_v: int = 64  # V columns of the carried state per program (forward state pass)
     state: Launch = Launch(num_warps=4, num_stages=2)
@@ -93,7 +93,8 @@ class ChunkConfig:
     wy_block_k: int = 32  # K and V tiles of the gate-aware WY backward kernel
     wy_block_v: int = 64
     wy: Launch = Launch(num_warps=4, num_stages=1)
-    intra_bwd_block_k: int = 32  # K tile (grid axis) of the intra-chunk score backward
+    # 64: 2.46 against 2.86 ms with 32 at 4x4096 on an H200.
+    intra_bwd_block_k: int = 64  # K tile (grid axis) of the intra-chunk score backward
     intra_bwd: Launch = Launch(num_warps=4, num_stages=1)
     intra_bwd_diag_block_k: int = 16  # K tile (grid axis) of its diagonal pairwise tiles
     intra_bwd_diag: Launch = Launch(num_warps=2, num_stages=1)  # its diagonal 16x16 blocks
@@ -106,7 +107,6 @@ class ChunkConfig:
         ("wy_block_k", "K"),
         ("wy_block_v", "V"),
         ("intra_bwd_block_k", "K"),
-        ("diag_block_k", "K"),
         ("intra_bwd_diag_block_k", "K"),
         ("aux_block", "K"),
         ("aux_block", "V"),
@@ -141,8 +141,13 @@ class RecurrentConfig:
 DEFAULT_CHUNK_CONFIG = ChunkConfig()
 # float32 tiles are twice the bytes: the state passes' multi-stage pipelines would ask for more
 # shared memory than an H100 has (262 KB requested, 227 KB available).
+# The intra tiles stay as they were before the bf16 tuning, which was not measured in float32.
 FLOAT32_CHUNK_CONFIG = dataclasses.replace(
-    DEFAULT_CHUNK_CONFIG, state=Launch(4, 1), dstate=Launch(4, 1)
+    DEFAULT_CHUNK_CONFIG,
+    state=Launch(4, 1),
+    dstate=Launch(4, 1),
+    intra=Launch(4, 1),
+    intra_bwd_block_k=32,
 )
 
 

@@ -101,7 +101,6 @@ def test_chunk_core_under_other_tiles_matches_xla_core():
         wy_block_k=16,
         wy_block_v=16,
         intra_bwd_block_k=16,
-        diag_block_k=16,
         intra_bwd_diag_block_k=16,
     )
     _assert_core_matches_xla_core(cfg, Shape(B=1, T=128, H=2, K=32, V=32), seed=44)
