@@ -109,7 +109,9 @@ class PeerLM(nn.Module):
         x = self.embed(tokens)
         for block in self.blocks:
             x = block(x)
-        return self.loss(self.norm(x), targets, self.lm_head.weight)
+        # Autocast does not reach into fla's fused loss: cast as it would for the head's matmul.
+        half = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+        return self.loss(self.norm(x).to(half), targets, self.lm_head.weight.to(half))
 
 
 def _train_step(model, optimizer, inputs, targets):
