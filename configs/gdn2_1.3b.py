@@ -1,7 +1,10 @@
-"""The paper's 1.3B recurrent GDN-2 on pre-tokenized files, sized for H100 nodes.
+"""The paper's 1.3B recurrent GDN-2 on pre-tokenized files, sized for H100 / H200 nodes.
 
     python train.py --config configs/gdn2_1.3b.py \
         --set data.paths=/data/train.bin --set data.eval_paths=/data/val.bin
+
+On one GPU add `--set optimizer.grad_accum_steps=32` (micro-batches of 4 x 4096 tokens, the
+same per-device work as a node of 8 at the default 4).
 
 The global batch is 128 x 4096 tokens (0.5M, the paper's recipe) on any number of GPUs: every
 device holds a slice of the parameters and optimizer state (fsdp over all devices), and each
@@ -9,6 +12,11 @@ optimizer step accumulates 4 micro-batches of 32 sequences (so up to 32 devices;
 lower optimizer.grad_accum_steps). On several hosts, run the same command on each with
 `--set train.distributed=true` (SLURM and similar clusters are detected; otherwise also set
 train.coordinator_address, train.num_processes and train.process_id).
+
+Speed settings: no rematerialization (16K tokens per device fit: the optimizer state is sharded
+and the head's logits are computed in 8 chunks, `model.loss_chunks`, never whole); where memory
+is short, `--set model.remat=true --set model.remat_policy=dots_and_gdn2_op` recomputes only the
+elementwise work. `benchmarks/bench_train.py` compares these settings on one GPU.
 """
 
 from gdn2_jax.config import (
@@ -28,8 +36,8 @@ TOKENS_PER_STEP = 128 * 4096
 
 def get_config() -> Config:
     return Config(
-        # bfloat16 compute over float32 master parameters; blocks recomputed in the backward.
-        model=ModelConfig.preset("gdn2-1.3b", dtype="bfloat16", remat=True),
+        # bfloat16 compute over float32 master parameters.
+        model=ModelConfig.preset("gdn2-1.3b", dtype="bfloat16", loss_chunks=8),
         # Llama-2 tokenizer (vocabulary 32000, end-of-document id 2), tokens stored as uint16.
         data=DataConfig(
             kind="tokens",

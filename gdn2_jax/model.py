@@ -14,9 +14,24 @@ from flax import nnx
 
 from gdn2_jax.layers import Attention, GatedDeltaRule2, RMSNorm, SwiGLU
 from gdn2_jax.layers.init import partitioned, torch_linear_init
+from gdn2_jax.loss import head_logits
 from gdn2_jax.model_config import ModelConfig
+from gdn2_jax.ops.core import OP_RESIDUALS_NAME
 
 EMBED_INIT_STD = 0.02  # lit_gpt's `mamba_init` embedding
+
+_policies = jax.checkpoint_policies
+# ModelConfig.remat_policy -> what a rematerialized block saves. Saving the GDN-2 op's
+# backward residuals lets the backward skip rerunning the op's forward kernels.
+REMAT_POLICIES = {
+    "full": _policies.nothing_saveable,
+    "dots": _policies.dots_with_no_batch_dims_saveable,
+    "gdn2_op": _policies.save_only_these_names(OP_RESIDUALS_NAME),
+    "dots_and_gdn2_op": _policies.save_from_both_policies(
+        _policies.dots_with_no_batch_dims_saveable,
+        _policies.save_only_these_names(OP_RESIDUALS_NAME),
+    ),
+}
 
 
 class Block(nnx.Module):
@@ -122,13 +137,23 @@ class CausalLM(nnx.Module):
     def embed(self, tokens):
         return jnp.take(self.wte[...], tokens, axis=0).astype(jnp.dtype(self.config.dtype))
 
+    def head(self):
+        """The head matrix [hidden, vocab] (the embedding's transpose when tied)."""
+        return self.wte[...].T if self.lm_head is None else self.lm_head[...]
+
     def logits(self, x):
         """Final norm and head; float32 logits whatever the compute dtype."""
-        x = self.ln_f(x)
-        head = self.wte[...].T if self.lm_head is None else self.lm_head[...]
-        return jnp.einsum(
-            "...d,dv->...v", x, head.astype(x.dtype), preferred_element_type=jnp.float32
+        return head_logits(self.ln_f(x), self.head())
+
+    def features(self, tokens, *, segment_ids=None):
+        """tokens [B, T] -> the head's input [B, T, hidden]: every block, then the final norm."""
+        x = self.embed(tokens)
+        remat = nnx.remat(
+            lambda blk, h, seg: blk(h, seg), policy=REMAT_POLICIES[self.config.remat_policy]
         )
+        for block in self.blocks:
+            x = remat(block, x, segment_ids) if self.config.remat else block(x, segment_ids)
+        return self.ln_f(x)
 
     def __call__(self, tokens, *, segment_ids=None):
         """tokens [B, T] -> logits [B, T, vocab]; `segment_ids` [B, T] separates packed documents.
@@ -136,13 +161,7 @@ class CausalLM(nnx.Module):
         Tokens of different segment ids never interact (0 marks padding, which forms its own
         segment); every mixer's state and attention restart where the id changes.
         """
-        x = self.embed(tokens)
-        for block in self.blocks:
-            if self.config.remat:
-                x = nnx.remat(lambda blk, h, seg: blk(h, seg))(block, x, segment_ids)
-            else:
-                x = block(x, segment_ids)
-        return self.logits(x)
+        return head_logits(self.features(tokens, segment_ids=segment_ids), self.head())
 
     def prefill(self, tokens, *, max_len: int):
         """Chunk path over a prompt [B, T] -> (logits [B, T, vocab], per-block caches).

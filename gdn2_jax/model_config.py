@@ -14,6 +14,7 @@ from gdn2_jax.options import (
     MIXERS,
     OUTPUT_GATES,
     RECURRENT_BACKENDS,
+    REMAT_POLICIES,
 )
 
 
@@ -53,6 +54,13 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: bool = False
+    # With remat, what each block keeps for the backward instead of recomputing it: "full"
+    # keeps only the block's input; "dots" the matmul outputs; "gdn2_op" what the GDN-2 op's
+    # backward reads (its forward kernels then run once); "dots_and_gdn2_op" both.
+    remat_policy: str = "full"
+    # The loss computes the head's logits for 1 / loss_chunks of each row's positions at a time
+    # (1: all at once), so the [tokens, vocab] float32 logits are never held whole.
+    loss_chunks: int = 1
 
     def __post_init__(self):
         _validate(self)
@@ -96,6 +104,7 @@ def _check_positive(cfg: ModelConfig, *names: str):
 def _validate(cfg: ModelConfig):
     _check_positive(cfg, "vocab_size", "hidden_size", "intermediate_size", "norm_eps")
     _check_positive(cfg, "gdn2_num_heads", "gdn2_head_dim", "conv_size", "max_seq_len")
+    _check_positive(cfg, "loss_chunks")
     if not isinstance(cfg.block_pattern, tuple) or not cfg.block_pattern:
         raise ValueError(
             f"ModelConfig.block_pattern must be a non-empty tuple, got {cfg.block_pattern!r}"
@@ -110,6 +119,7 @@ def _validate(cfg: ModelConfig):
         ("attn_implementation", ATTENTION_IMPLEMENTATIONS),
         ("dtype", DTYPES),
         ("param_dtype", DTYPES),
+        ("remat_policy", REMAT_POLICIES),
     ):
         _check_choice(name, getattr(cfg, name), allowed)
     if any(kind != "gdn2" for kind in cfg.block_pattern):

@@ -19,4 +19,6 @@ ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 
 # Language models
 MIXERS = ("gdn2", "swa", "attn")
+# What a rematerialized block keeps for the backward (gdn2_jax.model.REMAT_POLICIES maps them).
+REMAT_POLICIES = ("full", "dots", "gdn2_op", "dots_and_gdn2_op")
 DTYPES = ("float32", "bfloat16", "float16")

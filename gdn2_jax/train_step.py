@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
-from gdn2_jax import sharding
+from gdn2_jax import loss, sharding
 
 Batch = dict[str, jax.Array]
 
@@ -22,24 +22,18 @@ class TrainState:
     opt_state: Any
 
 
-def token_stats(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
-    """Summed (not averaged) loss, token count and correct argmaxes over masked positions, so
-    that micro-batches and eval batches combine exactly by addition."""
-    logits = logits.astype(jnp.float32)
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-    return {
-        "loss_sum": jnp.sum((logz - target_logit) * mask),
-        "tokens": jnp.sum(mask),
-        "correct": jnp.sum(correct * mask),
-    }
-
-
 def forward_stats(params, graphdef: nnx.GraphDef, batch: Batch) -> dict[str, jax.Array]:
+    """The summed loss stats (`gdn2_jax.loss.token_stats`) of a batch, the head's logits
+    computed in `model.loss_chunks` pieces."""
     model = nnx.merge(graphdef, params)
-    logits = model(batch["inputs"], segment_ids=batch.get("segment_ids"))
-    return token_stats(logits, batch["targets"], batch["loss_mask"])
+    x = model.features(batch["inputs"], segment_ids=batch.get("segment_ids"))
+    return loss.head_token_stats(
+        x,
+        model.head(),
+        batch["targets"],
+        batch["loss_mask"],
+        num_chunks=model.config.loss_chunks,
+    )
 
 
 def _micro_batches(batch: Batch, num: int) -> Batch:

@@ -15,11 +15,16 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from pallas_kernels.chunk_bwd import chunk_dstate, chunk_intra_bwd, chunk_wy_bwd
 from pallas_kernels.chunk_fwd import chunk_intra, chunk_state
 from pallas_kernels.common import dims_unsupported, dtypes_unsupported, numerics_for
 from pallas_kernels.config import CHUNK, default_chunk_config
+
+# The name of the backward's residuals, for remat policies that keep them rather than rerun the
+# forward kernels: gdn2_jax.ops.core.OP_RESIDUALS_NAME, which names the XLA core's the same way.
+RESIDUALS_NAME = "gdn2_op_residuals"
 
 
 def chunk_unsupported(K, V, dtypes, chunk_size):
@@ -67,7 +72,8 @@ def _core_fwd(q, k, v, g, b, w, h0s, segments, scale, chunk_size, cfg, interpret
     args = (q, k, v, g, b, w, h0s, segments, scale, chunk_size, cfg, interpret)
     intra, (o, finals, s0, r) = _forward(*args, save=True)
     keep = {n: intra[n] for n in ("G", "gc", "aqk", "ainv", "qg", "kt", "y")}
-    return (o, finals), ((q, k, v, g, b, w), h0s, segments, keep, (s0, r))
+    residuals = ((q, k, v, g, b, w), h0s, segments, keep, (s0, r))
+    return (o, finals), checkpoint_name(residuals, RESIDUALS_NAME)
 
 
 def _core_bwd(scale, chunk_size, cfg, interpret, residuals, cotangents):

@@ -12,6 +12,7 @@ from gdn2_jax.config import (
     load_config,
     to_dict,
 )
+from gdn2_jax.model_config import ModelConfig
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.py"))
 
@@ -95,3 +96,13 @@ def test_round_trip_dict_and_diff():
     changed = diff(a, b)
     assert len(changed) == 2
     assert any(c.startswith("model.hidden_size") for c in changed)
+
+
+@pytest.mark.parametrize(
+    ("name", "preset"), [("gdn2_1.3b.py", "gdn2-1.3b"), ("hybrid_1.3b.py", "hybrid-1.3b")]
+)
+def test_1_3b_configs_load_with_their_speed_settings(name, preset):
+    cfg = load_config(Path(__file__).parent.parent / "configs" / name)
+    assert cfg.model == ModelConfig.preset(preset, dtype="bfloat16", loss_chunks=8)
+    assert cfg.data.seq_len == 4096 and cfg.data.batch_size == 128
+    assert cfg.train.workdir == f"runs/{name.removesuffix('.py')}"

@@ -1,8 +1,11 @@
 """The causal LMs: shapes and dtypes, presets, packed-document resets, annotations, bad configs."""
 
+import contextlib
 import dataclasses
+import io
 
 import jax
+import jax.ad_checkpoint
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -11,6 +14,7 @@ from testing import kernel_names, rel_err
 
 from gdn2_jax.model import CausalLM, count_params
 from gdn2_jax.model_config import PRESETS, ModelConfig
+from gdn2_jax.ops.core import OP_RESIDUALS_NAME
 
 LOGICAL_AXES = {"vocab", "embed", "heads", "mlp", "conv", "kv_heads", None}
 
@@ -102,11 +106,12 @@ def _param_grads(cfg, tokens):
     return dict(nnx.to_flat_state(nnx.grad(loss_fn)(model)))
 
 
-def test_remat_gives_the_same_gradients():
+@pytest.mark.parametrize("policy", ["full", "dots_and_gdn2_op"])
+def test_remat_gives_the_same_gradients(policy):
     cfg = ModelConfig.preset("tiny", block_pattern=("gdn2", "swa"))
     tokens = _tokens(2, 40, cfg.vocab_size)
     plain = _param_grads(cfg, tokens)
-    remat = _param_grads(dataclasses.replace(cfg, remat=True), tokens)
+    remat = _param_grads(dataclasses.replace(cfg, remat=True, remat_policy=policy), tokens)
     assert plain.keys() == remat.keys()
     for path, g in plain.items():
         # The recomputed forward is the same program: float32 agreement to rounding.
@@ -138,6 +143,30 @@ def test_remat_recomputes_each_forward_kernel_once():
             **dict.fromkeys(forward, runs * blocks),
             **dict.fromkeys(backward, blocks),
         }
+
+
+@pytest.mark.parametrize("backend", ["xla", "pallas"])
+def test_gdn2_op_remat_policy_keeps_the_op_residuals(backend):
+    """Under "gdn2_op" the backward reads the op's saved residuals (so it need not rerun the
+    op's forward kernels); under "full" it saves nothing of the op."""
+    import pallas_kernels.chunk
+
+    assert pallas_kernels.chunk.RESIDUALS_NAME == OP_RESIDUALS_NAME
+    cfg = ModelConfig.preset("tiny", gdn2_backend=backend, gdn2_interpret=True, remat=True)
+    tokens = _tokens(1, 64, cfg.vocab_size)
+    named = {}
+    for policy in ("full", "gdn2_op"):
+        model = CausalLM(dataclasses.replace(cfg, remat_policy=policy), rngs=nnx.Rngs(0))
+        graphdef, state = nnx.split(model)
+
+        def loss(state, graphdef=graphdef):
+            return jnp.sum(nnx.merge(graphdef, state)(tokens) ** 2)
+
+        with contextlib.redirect_stdout(io.StringIO()) as saved:
+            jax.ad_checkpoint.print_saved_residuals(loss, state)
+        named[policy] = saved.getvalue().count(f"named '{OP_RESIDUALS_NAME}'")
+    assert named["full"] == 0
+    assert named["gdn2_op"] >= 7 * cfg.num_layers  # q, k, v, g, b, w and the initial state
 
 
 def test_tied_embeddings_have_no_head():
@@ -180,6 +209,8 @@ def test_presets_are_valid_and_hybrids_alternate():
         ({"attn_num_heads": 5}, "attn_num_heads"),
         ({"attn_num_kv_heads": 3}, "attn_num_kv_heads"),
         ({"gdn2_backend": "cuda"}, "gdn2_backend"),
+        ({"remat_policy": "some"}, "remat_policy"),
+        ({"loss_chunks": 0}, "loss_chunks"),
     ],
 )
 def test_bad_config_raises_naming_the_field(overrides, field):

@@ -38,10 +38,10 @@ def _single_device_run(cfg):
     return mesh, run, state
 
 
-def _golden_run(workdir) -> dict[str, float]:
+def _golden_run(workdir, *overrides: str) -> dict[str, float]:
     """Loss and gradient norm of the first step on fixed data, and the loss at the third step
     (the first step's learning rate is 0 in warm-up, so step 3 is the first to see an update)."""
-    cfg = tiny_config(workdir)
+    cfg = tiny_config(workdir, *overrides)
     mesh, run, state = _single_device_run(cfg)
     batch = data.eval_batches(cfg.data, 1)[0]
     out = {}
@@ -55,6 +55,16 @@ def _golden_run(workdir) -> dict[str, float]:
 def test_golden_one_step(tmp_path):
     got = _golden_run(tmp_path)
     print("golden:", got)
+    for key, expected in GOLDEN.items():
+        assert math.isclose(got[key], expected, rel_tol=GOLDEN_RTOL), (key, got[key], expected)
+
+
+def test_chunked_loss_and_remat_policy_keep_the_golden_step(tmp_path):
+    """How the step computes (the loss in 3 chunks of positions, blocks rematerialized keeping
+    matmul outputs and the op's residuals) moves no golden number beyond reduction order."""
+    got = _golden_run(
+        tmp_path, "model.loss_chunks=3", "model.remat=true", "model.remat_policy=dots_and_gdn2_op"
+    )
     for key, expected in GOLDEN.items():
         assert math.isclose(got[key], expected, rel_tol=GOLDEN_RTOL), (key, got[key], expected)
 

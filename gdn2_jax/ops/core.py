@@ -18,11 +18,16 @@ import importlib
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from gdn2_jax.ops.chunk import chunk_forward
 from gdn2_jax.ops.chunk_bwd import chunk_backward
 from gdn2_jax.ops.layout import chunk_layout, dense_segments, packed_segments
 from gdn2_jax.ops.reference import recurrent
+
+# The name of the chunk cores' backward residuals (the Pallas core's too), for remat policies
+# that keep them rather than rerun the op's forward.
+OP_RESIDUALS_NAME = "gdn2_op_residuals"
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9))
@@ -34,7 +39,7 @@ def xla_chunk_core(q, k, v, g, b, w, h0s, segments, scale, chunk_size):
 
 def _xla_fwd(q, k, v, g, b, w, h0s, segments, scale, chunk_size):
     out = xla_chunk_core(q, k, v, g, b, w, h0s, segments, scale, chunk_size)
-    return out, (q, k, v, g, b, w, h0s, segments)
+    return out, checkpoint_name((q, k, v, g, b, w, h0s, segments), OP_RESIDUALS_NAME)
 
 
 def _xla_bwd(scale, chunk_size, residuals, cotangents):
