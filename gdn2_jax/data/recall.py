@@ -142,8 +142,8 @@ def _overwrite(cfg: RecallConfig, layout: VocabLayout, length: int, rng: np.rand
     # Every slot occurs, so the unique slots of the reversed order are 0 .. P-1.
     last_write = len(order) - 1 - np.unique(order[::-1], return_index=True)[1]
     latest = values[last_write]
-    rewritten = np.flatnonzero(np.bincount(order, minlength=cfg.num_pairs) > 1)
-    others = np.setdiff1d(np.arange(cfg.num_pairs), rewritten)
+    writes = np.bincount(order, minlength=cfg.num_pairs)
+    rewritten, others = np.flatnonzero(writes > 1), np.flatnonzero(writes == 1)
     asked = np.concatenate([rng.permutation(rewritten), rng.permutation(others)])
     asked = asked[: cfg.num_queries]
     return _writes_then_queries(keys[order], values, keys[asked], latest[asked], length, rng)
