@@ -1,6 +1,7 @@
 """Score a checkpoint that train.py wrote on RULER-style needle-in-a-haystack retrieval.
 
-    python -m gdn2_jax.evaluate --checkpoint runs/recall_tiny --suite niah --lengths 1024,2048,4096,8192
+    python -m gdn2_jax.evaluate --checkpoint runs/recall_tiny --suite niah \
+        --lengths 1024,2048,4096,8192
 
 `--checkpoint` is a train.py workdir (or its `checkpoints/` folder); the latest step is read
 unless `--step` names one. The model and how its tokens are spelled come from the config stored
@@ -30,8 +31,8 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from gdn2_jax import niah, sharding, trainer
 from gdn2_jax import config as config_lib
+from gdn2_jax import niah, sharding, trainer
 from gdn2_jax.checkpoint import Checkpointer
 from gdn2_jax.config import CheckpointConfig, Config, ConfigError, MeshConfig
 from gdn2_jax.generate import generate
