@@ -258,7 +258,9 @@ def run_variant(cfg: AblationConfig, variant: str, *, progress: bool = True) -> 
     steps = build_steps(cfg, model)
     held_out = eval_batches(cfg)
     t0 = time.perf_counter()
-    state = steps.init(jax.random.split(jax.random.key(0), cfg.seeds))
+    # Seed s initializes from fold_in(key, s): its run does not depend on how many seeds ran.
+    keys = jax.vmap(functools.partial(jax.random.fold_in, jax.random.key(0)))(jnp.arange(cfg.seeds))
+    state = steps.init(keys)
     losses, eval_steps, curves = [], [], {t.name: [] for t in cfg.tasks}
     data = train_batches(cfg)
     for i in tqdm(range(cfg.steps), desc=variant, disable=not progress, leave=False):
