@@ -61,9 +61,9 @@ def test_intervals_table_and_ordering():
 
 
 def test_bad_config_names_the_field():
-    with pytest.raises(ValueError, match="AblationConfig.variants"):
+    with pytest.raises(ValueError, match=r"AblationConfig\.variants"):
         ablation.preset("tiny", variants=("gdn3",))
-    with pytest.raises(ValueError, match="AblationConfig.seeds"):
+    with pytest.raises(ValueError, match=r"AblationConfig\.seeds"):
         ablation.preset("tiny", seeds=0)
     with pytest.raises(ValueError, match="unknown ablation preset"):
         ablation.preset("huge")
