@@ -152,6 +152,17 @@ class Checkpointer:
         )
         return self.manager.restore(step, args=args).state
 
+    def restore_state(self, step: int, abstract_state: Any) -> Any:
+        """The stored train state alone (no data position: evaluation needs no data files)."""
+        problems = state_changes(self.saved_arrays(step), abstract_state)
+        if problems:
+            raise IncompatibleCheckpointError(
+                f"checkpoint {self.directory}/{step} does not hold the arrays its config "
+                "describes (saved != expected):\n  " + "\n  ".join(problems)
+            )
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+        return self.manager.restore(step, args=args).state
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 

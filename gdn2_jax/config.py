@@ -29,13 +29,17 @@ class RecallConfig:
 
     "mqar" is multi-query associative recall (all pairs up front, then `num_queries` queries).
     "needle" hides `num_pairs` key-value needles at random places in a haystack of filler
-    tokens and asks for `num_queries` of them at the end (the multi-key needle variant).
+    tokens and asks for `num_queries` of them at the end (the multi-key needle variant: the
+    needles not asked are distractors). "overwrite" is version recall: `num_pairs` keys are
+    written, then `num_overwrites` more writes re-assign some of them new values, all in one
+    shuffled stream; a query wants the key's latest value, so the old one must be erased.
     """
 
-    variant: Literal["mqar", "needle"] = "mqar"
+    variant: Literal["mqar", "needle", "overwrite"] = "mqar"
     vocab_size: int = 128
     num_pairs: int = 16
     num_queries: int = 16
+    num_overwrites: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,3 +261,23 @@ def diff(a: dict, b: dict, prefix: str = "") -> list[str]:
         elif va != vb:
             out.append(f"{key}: {va!r} != {vb!r}")
     return out
+
+
+def from_dict(cls: type, d: dict) -> Any:
+    """The dataclass `cls` rebuilt from a `to_dict` result (lists back to tuples); keys the
+    dataclass does not declare are an error."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ConfigError(f"{cls.__name__} has no field(s) {', '.join(unknown)}")
+    kwargs = {}
+    for name, value in d.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+            kwargs[name] = from_dict(hint, value)
+        elif isinstance(value, list):
+            kwargs[name] = tuple(value)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)

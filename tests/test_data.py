@@ -40,6 +40,31 @@ def test_recall_answers_and_determinism(variant):
     assert src[0]["inputs"].shape == (48,) and src[0]["inputs"].dtype == np.int32
 
 
+def test_overwrite_asks_for_the_latest_value():
+    cfg = RecallConfig(
+        variant="overwrite", vocab_size=64, num_pairs=6, num_queries=4, num_overwrites=10
+    )
+    src = recall.RecallSource(cfg, seq_len=48, seed=1, split=0)
+    layout = recall.vocab_layout(cfg)
+    writes = cfg.num_pairs + cfg.num_overwrites
+    stale = 0
+    for i in range(20):
+        ex = src[i]
+        seq = np.concatenate([ex["inputs"], ex["targets"][-1:]])
+        written = seq[: 2 * writes : 2]
+        assert len(set(written.tolist())) == cfg.num_pairs
+        answers = np.flatnonzero(ex["loss_mask"]) + 1
+        assert len(answers) == cfg.num_queries
+        for pos in answers:
+            occurrences = np.flatnonzero(written == seq[pos - 1])
+            assert seq[pos] == seq[2 * occurrences[-1] + 1]
+            assert layout.values[0] <= seq[pos] < layout.values[1]
+            # A re-write always changes the value, so the first one is stale when re-written.
+            stale += len(occurrences) > 1 and seq[2 * occurrences[0] + 1] != seq[pos]
+    # 10 re-writes over 6 keys: most queries must be about a re-written key.
+    assert stale >= 0.7 * 20 * cfg.num_queries
+
+
 def test_needle_keys_are_unique_in_haystack():
     cfg = RecallConfig(variant="needle", vocab_size=64, num_pairs=5, num_queries=2)
     src = recall.RecallSource(cfg, seq_len=100, seed=0, split=0)
@@ -55,6 +80,17 @@ def test_needle_keys_are_unique_in_haystack():
         (RecallConfig(vocab_size=16, num_pairs=10), 64, "distinct keys"),
         (RecallConfig(num_pairs=4, num_queries=5), 64, "num_queries"),
         (RecallConfig(num_pairs=16, num_queries=16), 32, "too short"),
+        (
+            RecallConfig(variant="overwrite", num_pairs=8, num_queries=8, num_overwrites=12),
+            48,
+            "too short",
+        ),
+        (RecallConfig(num_pairs=4, num_queries=4, num_overwrites=2), 64, "num_overwrites"),
+        (
+            RecallConfig(variant="overwrite", num_pairs=4, num_queries=4, num_overwrites=-1),
+            64,
+            "num_overwrites",
+        ),
     ],
 )
 def test_recall_rejects_impossible_settings(cfg, seq_len, match):

@@ -1,0 +1,69 @@
+"""The gate ablation: matched parameter counts, the vmapped seeds train as separate runs would,
+and the JSON, intervals and table it reports."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import scipy.stats
+
+from gdn2_jax import ablation
+
+
+def test_variants_match_gdn2_parameter_count():
+    cfg = ablation.preset("h200")
+    target = ablation.param_count(cfg.model)
+    per_unit = 3 * cfg.model.hidden_size * cfg.model.num_layers  # one more MLP width unit
+    for variant in ablation.VARIANTS:
+        model = ablation.variant_model(cfg, variant)
+        assert model.gate_mode == ablation.VARIANTS[variant][0]
+        assert abs(ablation.param_count(model) - target) <= per_unit / 2
+    # The tied gates lose the b and w projections, so their MLP is wider.
+    assert ablation.variant_model(cfg, "kda").intermediate_size > cfg.model.intermediate_size
+
+
+def test_seeds_train_together_as_they_would_alone(tmp_path):
+    cfg = ablation.preset("tiny", steps=4, eval_every=2, variants=("gdn",))
+    two = ablation.run(cfg.replace(seeds=2), tmp_path / "two.json", progress=False)
+    one = ablation.run(cfg.replace(seeds=1), None, progress=False)
+    a, b = two["runs"][0], one["runs"][0]
+    np.testing.assert_allclose(np.asarray(a["train_loss"])[0], b["train_loss"][0], rtol=1e-5)
+    for task in a["eval_accuracy"]:
+        np.testing.assert_allclose(a["eval_accuracy"][task][0], b["eval_accuracy"][task][0])
+    # Seed 1 trains on its own data stream and initialisation.
+    assert a["train_loss"][0] != a["train_loss"][1]
+    stored = json.loads((tmp_path / "two.json").read_text())
+    assert stored["runs"][0]["eval_steps"] == [2, 4]
+    assert set(stored["runs"][0]["final_accuracy"]) == {"mqar", "overwrite", "mk_needle"}
+
+
+def _fake_results(finals: dict[str, list[float]]) -> dict:
+    runs = [
+        {"variant": v, "params": 1000, "final_accuracy": {"mqar": acc},
+         "final_mean_accuracy": acc}
+        for v, acc in finals.items()
+    ]  # fmt: skip
+    return {"runs": runs}
+
+
+def test_intervals_table_and_ordering():
+    results = _fake_results(
+        {"kda": [0.50, 0.52, 0.51], "gdn2": [0.80, 0.82, 0.78], "gdn": [0.49, 0.55, 0.50]}
+    )
+    mean, half = ablation.interval([0.80, 0.82, 0.78])
+    lo, hi = scipy.stats.t.interval(0.95, 2, loc=0.8, scale=scipy.stats.sem([0.80, 0.82, 0.78]))
+    assert mean == pytest.approx(0.8) and half == pytest.approx((hi - lo) / 2)
+    assert math.isnan(ablation.interval([0.5])[1])
+    assert ablation.ordering(results) == "gdn2 > gdn ~ kda"
+    table = ablation.markdown_table(results)
+    assert table.splitlines()[2].startswith(f"| gdn2 | 1,000 | 80.0 ± {100 * half:.1f} |")
+
+
+def test_bad_config_names_the_field():
+    with pytest.raises(ValueError, match=r"AblationConfig\.variants"):
+        ablation.preset("tiny", variants=("gdn3",))
+    with pytest.raises(ValueError, match=r"AblationConfig\.seeds"):
+        ablation.preset("tiny", seeds=0)
+    with pytest.raises(ValueError, match="unknown ablation preset"):
+        ablation.preset("huge")
