@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from gdn2_jax import sharding
 from gdn2_jax.config import OptimizerConfig, RecallConfig
+from gdn2_jax.data import pipeline
 from gdn2_jax.data import recall as recall_lib
 from gdn2_jax.model import CausalLM
 from gdn2_jax.model_config import ModelConfig
@@ -195,9 +196,7 @@ def train_batches(cfg: AblationConfig):
     """An iterator over the steps' batches, built by grain (in worker processes if asked)."""
     ds = grain.MapDataset.range(cfg.steps).map(functools.partial(_train_batch, cfg))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
-    if cfg.num_workers > 0:
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
-    return iter(it)
+    return iter(pipeline.in_workers(it, cfg.num_workers))
 
 
 def eval_batches(cfg: AblationConfig) -> dict[str, list[dict[str, np.ndarray]]]:

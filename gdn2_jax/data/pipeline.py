@@ -91,13 +91,18 @@ def make_train_iterator(cfg: DataConfig, *, process_index: int = 0, process_coun
     )
     read = grain.ReadOptions(num_threads=cfg.prefetch, prefetch_buffer_size=cfg.prefetch)
     it_ds = ds.to_iter_dataset(read)
-    if cfg.num_workers > 0:
-        # Grain's worker processes read absl flags, which only an absl app has parsed
-        # (google/grain#1355); outside one, accept the flag defaults.
-        if not flags.FLAGS.is_parsed():
-            flags.FLAGS.mark_as_parsed()
-        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
-    return iter(it_ds)
+    return iter(in_workers(it_ds, cfg.num_workers))
+
+
+def in_workers(it_ds: grain.IterDataset, num_workers: int) -> grain.IterDataset:
+    """`it_ds` prefetched by `num_workers` grain worker processes (unchanged for 0)."""
+    if num_workers == 0:
+        return it_ds
+    # Grain's worker processes read absl flags, which only an absl app has parsed
+    # (google/grain#1355); outside one, accept the flag defaults.
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    return it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
 
 
 def eval_batches(
