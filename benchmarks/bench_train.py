@@ -162,9 +162,10 @@ def time_peers(args) -> dict[tuple[str, str], dict]:
             if _wants_peer(args, model_cfg):
                 import torch_peer  # torch and fla load only when the peer runs
 
-                peers[preset, shape] = torch_peer.time_peer(
+                peers[preset, shape] = peer = torch_peer.time_peer(
                     model_cfg, batch, seq_len, warmup=args.warmup, steps=args.steps
                 )
+                print(f"peer {preset} {shape}: {peer['step_s'] * 1e3:.1f} ms a step", flush=True)
     return peers
 
 
@@ -183,14 +184,24 @@ def bench(args) -> list[Row]:
                 flops = result["flops_per_token"]
                 impl = f"ours {variant or 'defaults'}"
                 group.append(_row(preset, shape, impl, result, tokens, flops, peak_flops))
+                # A 1.3B step compiles for minutes: each row shows as soon as it is timed.
+                print_table(group[-1:], header=not rows and len(group) == 1)
             if (preset, shape) in peers:
                 peer = _row(preset, shape, "peer torch+fla", peers[preset, shape], tokens, flops,
                             peak_flops)  # fmt: skip
                 group = [dataclasses.replace(r, vs_peer=r.tokens_per_s / peer.tokens_per_s)
                          for r in group] + [peer]  # fmt: skip
-            print_table(group, header=not rows)
+            if (preset, shape) in peers:
+                print_table(group, header=False)
             rows += group
+            if args.json:
+                write_json(args.json, rows)
     return rows
+
+
+def write_json(path: str, rows: list[Row]) -> None:
+    with open(path, "w") as f:
+        json.dump([dataclasses.asdict(r) for r in rows], f, indent=1)
 
 
 def print_table(rows: list[Row], *, header: bool = True) -> None:
@@ -212,10 +223,7 @@ def print_table(rows: list[Row], *, header: bool = True) -> None:
 
 def main(argv=None):
     args = parse_args(argv)
-    rows = bench(args)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump([dataclasses.asdict(r) for r in rows], f, indent=1)
+    bench(args)
 
 
 if __name__ == "__main__":
