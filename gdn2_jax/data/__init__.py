@@ -3,6 +3,7 @@
 from gdn2_jax.data.packed import BYTE_EOS, BYTE_VOCAB_SIZE, pack_window
 from gdn2_jax.data.pipeline import (
     Sources,
+    check_vocab,
     eval_batches,
     local_batch_size,
     make_sources,
@@ -15,6 +16,7 @@ __all__ = [
     "BYTE_VOCAB_SIZE",
     "RecallSource",
     "Sources",
+    "check_vocab",
     "eval_batches",
     "local_batch_size",
     "make_sources",
