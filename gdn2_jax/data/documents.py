@@ -12,6 +12,8 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+from gdn2_jax.data.errors import DataError
+
 SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
 
 
@@ -25,7 +27,7 @@ def iter_documents(path: str | Path, field: str = "text") -> Iterator[str]:
     path = Path(path)
     suffix = suffix_of(path)
     if suffix is None:
-        raise ValueError(f"{path}: text files are {', '.join(SUFFIXES)}, not {path.name!r}")
+        raise DataError(f"{path}: text files are {', '.join(SUFFIXES)}, not {path.name!r}")
     if suffix == ".txt":
         yield _decode(path.read_bytes(), str(path))
     elif suffix == ".parquet":
@@ -39,7 +41,7 @@ def _decode(data: bytes, where: str) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{where}: not valid UTF-8 at byte {e.start} ({e.reason})") from None
+        raise DataError(f"{where}: not valid UTF-8 at byte {e.start} ({e.reason})") from None
 
 
 def _open_lines(path: Path, suffix: str):
@@ -61,10 +63,10 @@ def _jsonl_documents(raw, path: Path, field: str) -> Iterator[str]:
         try:
             record = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
         if not isinstance(record, dict) or field not in record:
             fields = sorted(record) if isinstance(record, dict) else type(record).__name__
-            raise ValueError(f"{path}:{lineno}: no field {field!r} (has {fields})")
+            raise DataError(f"{path}:{lineno}: no field {field!r} (has {fields})")
         yield _text_value(record[field], f"{path}:{lineno}", field)
 
 
@@ -74,7 +76,7 @@ def _parquet_documents(path: Path, field: str) -> Iterator[str]:
     table = pq.ParquetFile(path)
     columns = table.schema_arrow.names
     if field not in columns:
-        raise ValueError(f"{path}: no column {field!r} (has {columns})")
+        raise DataError(f"{path}: no column {field!r} (has {columns})")
     row = 0
     for batch in table.iter_batches(columns=[field], batch_size=1024):
         for value in batch.column(0).to_pylist():
@@ -84,5 +86,5 @@ def _parquet_documents(path: Path, field: str) -> Iterator[str]:
 
 def _text_value(value, where: str, field: str) -> str:
     if not isinstance(value, str):
-        raise ValueError(f"{where}: field {field!r} is {type(value).__name__}, not a string")
+        raise DataError(f"{where}: field {field!r} is {type(value).__name__}, not a string")
     return value

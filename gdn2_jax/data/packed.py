@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from gdn2_jax.data import documents
+from gdn2_jax.data.errors import DataError
 
 # Byte-level text: the 256 byte values, then one end-of-document token.
 BYTE_EOS = 256
@@ -22,7 +23,7 @@ BYTE_VOCAB_SIZE = 257
 def byte_stream(paths: Sequence[str], jsonl_field: str = "text") -> np.ndarray:
     """All documents of all files as one uint16 stream of bytes, each followed by BYTE_EOS."""
     if not paths:
-        raise ValueError("data.kind='text' needs data.paths (.txt, .jsonl or .parquet files)")
+        raise DataError("data.kind='text' needs data.paths (.txt, .jsonl or .parquet files)")
     parts = []
     for path in paths:
         for doc in documents.iter_documents(path, jsonl_field):
@@ -30,7 +31,7 @@ def byte_stream(paths: Sequence[str], jsonl_field: str = "text") -> np.ndarray:
             parts.append(np.array([BYTE_EOS], np.uint16))
     stream = np.concatenate(parts)
     if np.all(stream == BYTE_EOS):
-        raise ValueError(
+        raise DataError(
             f"data.paths: every document in {', '.join(paths)} is empty (no text to learn from)"
         )
     return stream
@@ -54,7 +55,7 @@ class PackedWindows:
         counts = [max(0, (len(s) - 1 + round_up) // seq_len) for s in self.streams]
         self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         if self.offsets[-1] == 0:
-            raise ValueError(f"no window of {seq_len + 1} tokens fits in the data")
+            raise DataError(f"no window of {seq_len + 1} tokens fits in the data")
 
     def __len__(self) -> int:
         return int(self.offsets[-1])

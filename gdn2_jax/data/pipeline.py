@@ -12,6 +12,7 @@ from absl import flags
 
 from gdn2_jax.config import DataConfig
 from gdn2_jax.data import packed, recall, token_files
+from gdn2_jax.data.errors import DataError
 
 TRAIN_SPLIT, EVAL_SPLIT = 0, 1
 
@@ -59,7 +60,7 @@ def check_vocab(sources: Sources, model_vocab_size: int) -> None:
     if sources.tokens is not None:
         token_files.check_model_vocab(sources.tokens, model_vocab_size)
     elif sources.vocab_size is not None and sources.vocab_size > model_vocab_size:
-        raise ValueError(
+        raise DataError(
             f"the data uses {sources.vocab_size} token ids but model.vocab_size={model_vocab_size}"
         )
 
@@ -69,7 +70,7 @@ def _split_tail(windows, fraction: float, vocab: int | None) -> Sources:
     n = len(windows)
     num_eval = max(1, math.ceil(n * fraction))
     if num_eval >= n:
-        raise ValueError(f"only {n} windows: too few to hold out {fraction:.1%} for eval")
+        raise DataError(f"only {n} windows: too few to hold out {fraction:.1%} for eval")
     ds = grain.MapDataset.source(windows)
     return Sources(ds[: n - num_eval], ds[n - num_eval :], vocab)
 

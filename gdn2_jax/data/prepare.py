@@ -34,6 +34,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from gdn2_jax.data import documents
+from gdn2_jax.data.errors import DataError
 from gdn2_jax.data.tokenizer import Tokenizer, load_tokenizer
 
 METADATA = "metadata.json"
@@ -80,9 +81,9 @@ def resolve_inputs(spec: str) -> list[Path]:
         where = f"pattern {spec!r}"
         bad = [str(p) for p in found if not documents.suffix_of(p)]
         if bad:
-            raise ValueError(f"--input: {bad[0]} is not one of {', '.join(documents.SUFFIXES)}")
+            raise DataError(f"--input: {bad[0]} is not one of {', '.join(documents.SUFFIXES)}")
     if not found:
-        raise ValueError(f"--input: no {', '.join(documents.SUFFIXES)} files in {where}")
+        raise DataError(f"--input: no {', '.join(documents.SUFFIXES)} files in {where}")
     return [p.resolve() for p in found]
 
 
@@ -91,7 +92,7 @@ def pick_dtype(requested: str, vocab_size: int) -> str:
     if requested == "auto":
         return "uint16" if fits16 else "uint32"
     if requested == "uint16" and not fits16:
-        raise ValueError(
+        raise DataError(
             f"--dtype uint16: the tokenizer has {vocab_size} tokens, more than uint16 holds "
             "(65536); use --dtype uint32 or auto"
         )
@@ -166,7 +167,7 @@ def tokenize_shard(job: ShardJob) -> dict:
 def _append(f, counts: dict, ids: list[int], text: str, tok: Tokenizer, job: ShardJob) -> None:
     arr = np.asarray([*ids, tok.info.eos_id], np.int64)
     if arr.min() < 0 or arr.max() >= tok.info.vocab_size:
-        raise ValueError(
+        raise DataError(
             f"{job.source}: the tokenizer produced id {arr.max()} outside its vocabulary "
             f"[0, {tok.info.vocab_size})"
         )
@@ -249,9 +250,9 @@ def prepare(
 ) -> dict:  # fmt: skip
     """Tokenizes `inputs` into `out`; returns the metadata it wrote."""
     if not 0 < eval_fraction < 1:
-        raise ValueError(f"--eval-fraction must be in (0, 1), got {eval_fraction}")
+        raise DataError(f"--eval-fraction must be in (0, 1), got {eval_fraction}")
     if workers < 1:
-        raise ValueError(f"--workers must be >= 1, got {workers}")
+        raise DataError(f"--workers must be >= 1, got {workers}")
     sources = resolve_inputs(inputs)
     tok = _tokenizer(str(Path(tokenizer).resolve()), eos_token)
     dtype = pick_dtype(dtype, tok.info.vocab_size)
@@ -266,7 +267,7 @@ def prepare(
     meta = metadata(jobs, records, tok, dtype)
     for s in SPLITS:
         if not meta["splits"][s]["tokens"]:
-            raise ValueError(
+            raise DataError(
                 f"--input: no document fell into the {s} split of {len(sources)} file(s) "
                 f"({meta['splits']['train']['documents'] + meta['splits']['eval']['documents']} "
                 f"non-empty documents at --eval-fraction {eval_fraction})"
@@ -297,7 +298,7 @@ def main(argv: list[str]) -> int:
             dtype=args.dtype, eval_fraction=args.eval_fraction, eos_token=args.eos_token,
             progress=not args.no_progress,
         )  # fmt: skip
-    except ValueError as e:
+    except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     train, held = meta["splits"]["train"], meta["splits"]["eval"]

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gdn2_jax.data.errors import DataError
 from gdn2_jax.data.prepare import FORMAT, METADATA
 
 SCAN_CHUNK = 1 << 24
@@ -60,13 +61,13 @@ class Prepared:
 def read_metadata(folder: str | Path) -> dict:
     path = Path(folder) / METADATA
     if not path.is_file():
-        raise ValueError(
+        raise DataError(
             f"{folder}: a folder in data.paths must be prepared by gdn2_jax.data.prepare "
             f"(no {METADATA} in it)"
         )
     meta = json.loads(path.read_text())
     if meta.get("format") != FORMAT or meta.get("version") != 1:
-        raise ValueError(f"{path}: not a {FORMAT} version 1 metadata file")
+        raise DataError(f"{path}: not a {FORMAT} version 1 metadata file")
     return meta
 
 
@@ -87,28 +88,28 @@ def _map(path: Path, declared: str | None, meta: dict | None) -> np.ndarray:
     if path.suffix == ".npy":
         tokens = np.load(path, mmap_mode="r")
         if tokens.dtype.kind not in "ui":
-            raise ValueError(
+            raise DataError(
                 f"{path}: holds {tokens.dtype} values; token ids must be an integer dtype "
                 "(uint16, uint32, int32)"
             )
         if declared is not None and np.dtype(declared) != tokens.dtype:
-            raise ValueError(f"data.token_dtype={declared} but {path} holds {tokens.dtype}")
+            raise DataError(f"data.token_dtype={declared} but {path} holds {tokens.dtype}")
         return tokens
     if path.suffix != ".bin":
-        raise ValueError(f"{path}: token files are .npy or .bin, not {path.suffix!r}")
+        raise DataError(f"{path}: token files are .npy or .bin, not {path.suffix!r}")
     dtype = meta["dtype"] if meta else declared
     if meta and declared is not None and declared != dtype:
-        raise ValueError(
+        raise DataError(
             f"data.token_dtype={declared} but {path.parent / METADATA} says {path.name} is {dtype}"
         )
     if dtype is None:
-        raise ValueError(
+        raise DataError(
             f"{path}: a raw .bin records no dtype; declare it with data.token_dtype (uint16, "
             f"uint32 or int32), or name the folder gdn2_jax.data.prepare wrote"
         )
     size, item = path.stat().st_size, np.dtype(dtype).itemsize
     if size % item:
-        raise ValueError(f"{path}: {size} bytes is not a whole number of {dtype} tokens")
+        raise DataError(f"{path}: {size} bytes is not a whole number of {dtype} tokens")
     return np.memmap(path, dtype=np.dtype(dtype), mode="r") if size else np.zeros(0, dtype)
 
 
@@ -138,15 +139,15 @@ def open_file(path: str | Path, declared: str | None, eos_id: int, entry: dict |
     """A checked file; `entry` is its record in `meta` (a prepared folder's metadata)."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"data.paths: no such token file {path}")
+        raise DataError(f"data.paths: no such token file {path}")
     tokens = _map(path, declared, meta)
     if tokens.ndim != 1:
-        raise ValueError(f"{path}: expected a flat token array, got shape {tokens.shape}")
+        raise DataError(f"{path}: expected a flat token array, got shape {tokens.shape}")
     if len(tokens) == 0:
-        raise ValueError(f"{path}: the file holds no tokens")
+        raise DataError(f"{path}: the file holds no tokens")
     if entry is not None:
         if len(tokens) != entry["tokens"]:
-            raise ValueError(
+            raise DataError(
                 f"{path}: {len(tokens)} {tokens.dtype} tokens, but {path.parent / METADATA} "
                 f"records {entry['tokens']} (the file was changed or cut short)"
             )
@@ -156,7 +157,7 @@ def open_file(path: str | Path, declared: str | None, eos_id: int, entry: dict |
     lo, hi, all_eos = _scan(str(path), st.st_size, st.st_mtime_ns, str(tokens.dtype), eos_id)
     if lo < 0:
         offset = first_offset(tokens, lambda c: c < 0)
-        raise ValueError(f"{path}: token id {int(tokens[offset])} at offset {offset} is negative")
+        raise DataError(f"{path}: token id {int(tokens[offset])} at offset {offset} is negative")
     return TokenFile(str(path), tokens, lo, hi, all_eos)
 
 
@@ -185,19 +186,19 @@ def _resolve(paths: Sequence[str], split: str) -> tuple[list[Spec], list[Spec], 
 def _eos(declared: int | None, prepared: list[Prepared]) -> int:
     ids = {p.meta["eos_id"]: p.folder for p in prepared}
     if len(ids) > 1:
-        raise ValueError(
+        raise DataError(
             f"data.paths: the prepared folders disagree on the end-of-document id {ids}"
         )
     if ids:
         ((eos, folder),) = ids.items()
         if declared is not None and declared != eos:
-            raise ValueError(
+            raise DataError(
                 f"data.eos_id={declared} but {Path(folder) / METADATA} says the end-of-document "
                 f"id is {eos}"
             )
         return eos
     if declared is None:
-        raise ValueError(
+        raise DataError(
             "data.eos_id: token files without a metadata.json need their end-of-document id "
             "declared"
         )
@@ -207,7 +208,7 @@ def _eos(declared: int | None, prepared: list[Prepared]) -> int:
 def _one_tokenizer(prepared: list[Prepared]) -> None:
     hashes = {p.meta["tokenizer"]["sha256"]: p.folder for p in prepared}
     if len(hashes) > 1:
-        raise ValueError(
+        raise DataError(
             f"data.paths: the prepared folders were tokenized by different tokenizers "
             f"({', '.join(hashes.values())})"
         )
@@ -217,7 +218,7 @@ def load(paths: Sequence[str], eval_paths: Sequence[str], token_dtype: str | Non
          eos_id: int | None) -> TokenData:  # fmt: skip
     """The checked train and held-out files (see the module docstring)."""
     if not paths:
-        raise ValueError("data.kind='tokens' needs data.paths (token files or a prepared folder)")
+        raise DataError("data.kind='tokens' needs data.paths (token files or a prepared folder)")
     train_specs, eval_specs, prepared = _resolve(paths, "train")
     if eval_paths:
         eval_specs, _, more = _resolve(eval_paths, "eval")
@@ -230,7 +231,7 @@ def load(paths: Sequence[str], eval_paths: Sequence[str], token_dtype: str | Non
     held = tuple(open_file(p, token_dtype, eos, e, m.meta if m else None) for p, e, m in eval_specs)
     for where, files in (("data.paths", train), ("the held-out data", held)):
         if files and all(f.all_eos for f in files):
-            raise ValueError(
+            raise DataError(
                 f"{where}: every token is the end-of-document id {eos} (all padding: no text to "
                 f"learn from) in {', '.join(f.path for f in files)}"
             )
@@ -242,19 +243,19 @@ def check_model_vocab(data: TokenData, vocab_size: int) -> None:
     """Every id the model will see is in [0, vocab_size): its embedding has that many rows."""
     for p in data.prepared:
         if p.meta["vocab_size"] > vocab_size:
-            raise ValueError(
+            raise DataError(
                 f"model.vocab_size={vocab_size} is smaller than the vocabulary of the tokenizer "
                 f"that prepared {p.folder} ({p.meta['vocab_size']}, {p.meta['tokenizer']['path']})"
             )
     if data.eos_id >= vocab_size:
-        raise ValueError(
+        raise DataError(
             f"the end-of-document id {data.eos_id} is outside the model's vocabulary "
             f"[0, {vocab_size}) (model.vocab_size)"
         )
     for f in data.train + data.eval:
         if f.max_id >= vocab_size:
             offset = first_offset(f.tokens, lambda c: c >= vocab_size)
-            raise ValueError(
+            raise DataError(
                 f"{f.path}: token id {int(f.tokens[offset])} at offset {offset} is outside "
                 f"[0, {vocab_size}) (model.vocab_size={vocab_size})"
             )

@@ -12,6 +12,8 @@ import hashlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from gdn2_jax.data.errors import DataError
+
 # End-of-document tokens looked up, in order, when a tokenizer.json's is not named.
 KNOWN_EOS_TOKENS = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>")
 
@@ -43,11 +45,11 @@ def resolve_path(path: str | Path) -> Path:
         for name in ("tokenizer.json", "tokenizer.model"):
             if (path / name).is_file():
                 return path / name
-        raise ValueError(f"--tokenizer {path}: the folder has no tokenizer.json or tokenizer.model")
+        raise DataError(f"--tokenizer {path}: the folder has no tokenizer.json or tokenizer.model")
     if not path.is_file():
-        raise ValueError(f"--tokenizer {path}: no such file")
+        raise DataError(f"--tokenizer {path}: no such file")
     if path.suffix not in (".json", ".model"):
-        raise ValueError(
+        raise DataError(
             f"--tokenizer {path}: expected a tokenizer.json (Hugging Face tokenizers) or a "
             f"SentencePiece .model, not {path.suffix!r}"
         )
@@ -75,7 +77,7 @@ class HFTokenizer(Tokenizer):
         names = (eos_token,) if eos_token else KNOWN_EOS_TOKENS
         found = next((t for t in names if t in vocab), None)
         if found is None:
-            raise ValueError(
+            raise DataError(
                 f"--eos-token: {path} has no token {'/'.join(names)}; name its "
                 "end-of-document token with --eos-token"
             )
@@ -99,11 +101,11 @@ class SentencePieceTokenizer(Tokenizer):
         if eos_token:
             eos = self._sp.piece_to_id(eos_token)
             if self._sp.id_to_piece(eos) != eos_token:
-                raise ValueError(f"--eos-token: {path} has no piece {eos_token!r}")
+                raise DataError(f"--eos-token: {path} has no piece {eos_token!r}")
         else:
             eos = self._sp.eos_id()
             if eos < 0:
-                raise ValueError(
+                raise DataError(
                     f"--eos-token: {path} defines no end-of-sentence piece; name one with "
                     "--eos-token"
                 )
