@@ -36,6 +36,8 @@ class TokenFile:
     max_id: int
     # Every token is the end-of-document id (nothing to learn from).
     all_eos: bool
+    # UTF-8 bytes of the documents' text, where the preparation tool recorded them.
+    text_bytes: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,7 +154,7 @@ def open_file(path: str | Path, declared: str | None, eos_id: int, entry: dict |
                 f"records {entry['tokens']} (the file was changed or cut short)"
             )
         all_eos = entry["tokens"] == entry["documents"]
-        return TokenFile(str(path), tokens, 0, entry["max_id"], all_eos)
+        return TokenFile(str(path), tokens, 0, entry["max_id"], all_eos, entry["bytes"])
     st = os.stat(path)
     lo, hi, all_eos = _scan(str(path), st.st_size, st.st_mtime_ns, str(tokens.dtype), eos_id)
     if lo < 0:
