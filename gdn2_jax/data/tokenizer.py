@@ -141,6 +141,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out: str | Path) -> Path:
         vocab_size=vocab_size,
         special_tokens=["<|endoftext|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(texts, trainer)
     out = Path(out)
