@@ -35,10 +35,9 @@ from tqdm.auto import tqdm
 
 from gdn2_jax.data import documents
 from gdn2_jax.data.errors import DataError
+from gdn2_jax.data.token_files import FORMAT, METADATA
 from gdn2_jax.data.tokenizer import Tokenizer, load_tokenizer
 
-METADATA = "metadata.json"
-FORMAT = "gdn2-jax-tokens"
 SPLITS = ("train", "eval")
 DOCS_PER_BATCH = 256
 

@@ -23,9 +23,11 @@ from pathlib import Path
 import numpy as np
 
 from gdn2_jax.data.errors import DataError
-from gdn2_jax.data.prepare import FORMAT, METADATA
 
 SCAN_CHUNK = 1 << 24
+# What gdn2_jax.data.prepare writes beside the shards, last and atomically.
+METADATA = "metadata.json"
+FORMAT = "gdn2-jax-tokens"
 
 
 @dataclasses.dataclass(frozen=True)
