@@ -261,3 +261,15 @@ def test_training_refuses_metadata_mismatches(prepared, tmp_path):
     with pytest.raises(DataError, match=f"{shard.name}: .* records .* cut short"):
         trainer.train(_train_cfg(tmp_path, cut))
     assert token_files.read_metadata(out)["format"] == prepare.FORMAT
+
+
+def test_text_spelling_the_eos_token_does_not_end_a_document(tmp_path):
+    doc = "a page that quotes <|endoftext|> and goes on"
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"text": doc}) for _ in range(30)))
+    tok_path = text_testing.bpe(tmp_path / "tok.json")
+    meta = prepare.prepare(str(tmp_path / "d.jsonl"), str(tok_path), tmp_path / "out",
+                           eval_fraction=0.3, progress=False)  # fmt: skip
+    tokens = np.fromfile(tmp_path / "out" / "train-00000.bin", meta["dtype"])
+    docs = _docs(tokens, meta["eos_id"])
+    assert len(docs) == meta["splits"]["train"]["documents"]
+    assert all(load_tokenizer(tok_path).decode(d[:-1].tolist()) == doc for d in docs)

@@ -73,6 +73,9 @@ class HFTokenizer(Tokenizer):
         import tokenizers
 
         self._tok = tokenizers.Tokenizer.from_file(str(path))
+        # Text that spells a special token ("<|endoftext|>" in a web page) is text: only the
+        # preparation tool ends a document.
+        self._tok.encode_special_tokens = True
         vocab = self._tok.get_vocab(with_added_tokens=True)
         names = (eos_token,) if eos_token else KNOWN_EOS_TOKENS
         found = next((t for t in names if t in vocab), None)
