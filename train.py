@@ -10,6 +10,7 @@ import json
 import sys
 
 from gdn2_jax.config import ConfigError, load_config, to_dict
+from gdn2_jax.data.errors import DataError
 from gdn2_jax.trainer import TrainingDivergedError, train
 
 
@@ -42,6 +43,9 @@ def main(argv: list[str]) -> int:
     except TrainingDivergedError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -1,7 +1,12 @@
 """The paper's 1.3B recurrent GDN-2 on pre-tokenized files, sized for H100 / H200 nodes.
 
-    python train.py --config configs/gdn2_1.3b.py \
-        --set data.paths=/data/train.bin --set data.eval_paths=/data/val.bin
+    python -m gdn2_jax.data.prepare --input 'fineweb-edu/*.parquet' \
+        --tokenizer llama-2/tokenizer.model --out /data/fwe --workers 16
+    python train.py --config configs/gdn2_1.3b.py --set data.paths=/data/fwe
+
+(a prepared folder: its metadata is checked against the Llama-2 dtype, eos id and vocabulary
+declared below, and its held-out split is the eval data), or flat token files with
+`--set data.paths=/data/train.bin --set data.eval_paths=/data/val.bin`.
 
 On one GPU add `--set optimizer.grad_accum_steps=32` (micro-batches of 4 x 4096 tokens, the
 same per-device work as a node of 8 at the default 4).
@@ -38,7 +43,8 @@ def get_config() -> Config:
     return Config(
         # bfloat16 compute over float32 master parameters.
         model=ModelConfig.preset("gdn2-1.3b", dtype="bfloat16", loss_chunks=8),
-        # Llama-2 tokenizer (vocabulary 32000, end-of-document id 2), tokens stored as uint16.
+        # Llama-2 tokenizer (vocabulary 32000, end-of-document id 2), tokens stored as uint16;
+        # a prepared folder's metadata must agree.
         data=DataConfig(
             kind="tokens",
             seq_len=4096,

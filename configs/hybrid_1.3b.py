@@ -2,8 +2,9 @@
 with the recurrent 1.3B's recipe, data and devices (`configs/gdn2_1.3b.py`: read it for the
 batch, the optimizer and multi-host runs).
 
-    python train.py --config configs/hybrid_1.3b.py \
-        --set data.paths=/data/train.bin --set data.eval_paths=/data/val.bin
+    python train.py --config configs/hybrid_1.3b.py --set data.paths=/data/fwe
+
+(a folder `gdn2_jax.data.prepare` wrote, or token files as in the recurrent config).
 
 On one GPU add `--set optimizer.grad_accum_steps=32`. Speed settings as the recurrent model's:
 no rematerialization, the head's logits in 8 chunks; the SWA blocks run cuDNN's fused attention

@@ -55,15 +55,22 @@ class DataConfig:
     num_workers: int = 0
     prefetch: int = 2
     recall: RecallConfig = RecallConfig()
-    # kind="text": .txt files (one document each) or .jsonl files (one document per line).
-    # kind="tokens": flat token files, .npy or raw .bin in `token_dtype`, documents ended by eos_id.
+    # kind="text": .txt (one document each), .jsonl[.gz|.zst] (one per line) or .parquet files.
+    # kind="tokens": folders written by gdn2_jax.data.prepare (their held-out split is the eval
+    # data), or flat token files (.npy, or raw .bin in `token_dtype`) with documents ended by
+    # `eos_id`.
     paths: tuple[str, ...] = ()
     eval_paths: tuple[str, ...] = ()
-    # Without eval_paths, this tail fraction of the training windows is held out for eval.
+    # Without eval_paths or a prepared held-out split, this tail fraction of the training
+    # windows is held out for eval.
     eval_fraction: float = 0.005
     jsonl_field: str = "text"
-    token_dtype: Literal["uint16", "uint32", "int32"] = "uint16"
-    eos_id: int = 0
+    # A raw .bin's dtype; None takes it from the prepared metadata or the .npy file (a .bin
+    # without metadata then is an error). When both are known they must agree.
+    token_dtype: Literal["uint16", "uint32", "int32"] | None = None
+    # None takes the end-of-document id from the prepared metadata (files without it then are
+    # an error); when both are known they must agree.
+    eos_id: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,17 @@
-"""Score a checkpoint that train.py wrote on RULER-style needle-in-a-haystack retrieval.
+"""Score a checkpoint that train.py wrote: held-out perplexity or needle-in-a-haystack retrieval.
 
+    python -m gdn2_jax.evaluate --checkpoint runs/text_tiny --suite ppl --data runs/text_tokens
     python -m gdn2_jax.evaluate --checkpoint runs/recall_tiny --suite niah \
         --lengths 1024,2048,4096,8192
+
+`--suite ppl` scores every token of the held-out split of a folder that
+`gdn2_jax.data.prepare` wrote (token files named directly are scored whole) at the training
+length (`--seq-len` to change it): token-weighted loss, perplexity, bits per token and, from the
+metadata's byte counts, bits per byte (`gdn2_jax.perplexity`). The data must fit the model: its
+vocabulary, end-of-document id and (where the training data's metadata is still readable) the
+same tokenizer file.
+
+`--suite niah` is RULER-style needle-in-a-haystack retrieval:
 
 `--checkpoint` is a train.py workdir (or its `checkpoints/` folder); the latest step is read
 unless `--step` names one. The model and how its tokens are spelled come from the config stored
@@ -32,12 +42,12 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from gdn2_jax import config as config_lib
-from gdn2_jax import niah, sharding, trainer
+from gdn2_jax import niah, perplexity, sharding, trainer
 from gdn2_jax.checkpoint import Checkpointer
 from gdn2_jax.config import CheckpointConfig, Config, ConfigError, MeshConfig
 from gdn2_jax.generate import generate
 
-SUITES = {"niah": niah.TASKS}
+SUITES = {"niah": niah.TASKS, "ppl": ()}
 
 
 def _parse_lengths(text: str) -> tuple[int, ...]:
@@ -55,6 +65,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--checkpoint", required=True, type=Path, help="train.py workdir")
     parser.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     parser.add_argument("--suite", choices=sorted(SUITES), default="niah")
+    parser.add_argument("--data", nargs="+", help="ppl: prepared folder(s) or token files")
+    parser.add_argument("--seq-len", type=int, help="ppl: window length (default: training's)")
+    parser.add_argument("--max-batches", type=int, help="ppl: score only this many batches")
     parser.add_argument("--lengths", type=_parse_lengths, default=(1024, 2048, 4096, 8192))
     parser.add_argument("--tasks", help="comma-separated subset of the suite's tasks")
     parser.add_argument("--samples", type=int, default=50, help="prompts per task and length")
@@ -68,8 +81,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    for name in ("samples", "batch_size"):
-        if getattr(args, name) < 1:
+    if args.suite == "ppl" and not args.data:
+        parser.error("--suite ppl needs --data (a prepared folder or token files)")
+    for name in ("samples", "batch_size", "seq_len", "max_batches"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     return args
 
@@ -87,6 +102,13 @@ def checkpoint_dir(path: Path) -> Path:
 def load(path: Path, step: int | None = None, overrides=()) -> tuple[Config, nnx.Module, int]:
     """The stored config (with `overrides`), the model with the checkpoint's parameters, and
     the step read."""
+    cfg, run, params, step = load_run(path, step, overrides)
+    return cfg, nnx.merge(run.graphdef, params), step
+
+
+def load_run(path: Path, step: int | None = None, overrides=()):
+    """The stored config, the trainer's `Run` built from it on this machine's devices, the
+    checkpoint's parameters and the step read."""
     ckpt = Checkpointer(checkpoint_dir(path), CheckpointConfig(async_save=False))
     try:
         steps = ckpt.all_steps()
@@ -109,7 +131,7 @@ def load(path: Path, step: int | None = None, overrides=()) -> tuple[Config, nnx
             state = ckpt.restore_state(step, target)
     finally:
         ckpt.close()
-    return cfg, nnx.merge(run.graphdef, state.params), step
+    return cfg, run, state.params, step
 
 
 def prompt_format(cfg: Config):
@@ -165,8 +187,42 @@ def table(results: dict, lengths) -> str:
     return "\n".join(lines)
 
 
+def main_ppl(args: argparse.Namespace) -> int:
+    try:
+        cfg, run, params, step = load_run(args.checkpoint, args.step, args.set)
+        seq_len = args.seq_len or cfg.data.seq_len
+        held = perplexity.held_out(cfg, args.data, seq_len)
+    except (FileNotFoundError, ValueError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    with jax.set_mesh(run.mesh):
+        result = perplexity.score(
+            run, params, held, batch_size=args.batch_size, max_batches=args.max_batches,
+            progress=not args.no_progress,
+        )  # fmt: skip
+    bpb = result["bits_per_byte"]
+    print(
+        f"{args.checkpoint} step {step} on {len(held.files)} held-out file(s), "
+        f"{result['tokens']:,} tokens at length {seq_len}: loss {result['loss']:.4f}, "
+        f"perplexity {result['perplexity']:.3f}"
+        + (f", {bpb:.4f} bits per byte" if bpb is not None else "")
+    )
+    if args.out:
+        record = {
+            "checkpoint": str(args.checkpoint), "step": step, "suite": "ppl",
+            "data": list(args.data), "seq_len": seq_len, "batch_size": args.batch_size,
+            "wall_s": time.perf_counter() - t0, **result,
+        }  # fmt: skip
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(record, indent=1))
+    return 0
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    if args.suite == "ppl":
+        return main_ppl(args)
     suite = SUITES[args.suite]
     tasks = tuple(t.strip() for t in args.tasks.split(",")) if args.tasks else suite
     bad = [t for t in tasks if t not in suite]

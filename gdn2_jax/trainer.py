@@ -229,13 +229,6 @@ def _fmt(metrics: dict[str, float]) -> str:
     return " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
 
 
-def check_vocab(cfg: Config, data_vocab: int | None) -> None:
-    if data_vocab is not None and data_vocab > cfg.model.vocab_size:
-        raise ValueError(
-            f"the data uses {data_vocab} token ids but model.vocab_size={cfg.model.vocab_size}"
-        )
-
-
 def check_batch(cfg: Config, mesh: jax.sharding.Mesh) -> None:
     """Each micro-batch is split evenly over the devices of the batch axes (data x fsdp), and
     each sequence evenly over those of the context axis."""
@@ -269,7 +262,7 @@ def train(cfg: Config, *, until: int | None = None) -> dict[str, Any]:
     sharding.check_context_within_hosts(mesh)
     proc = {"process_index": jax.process_index(), "process_count": jax.process_count()}
     is_main = jax.process_index() == 0
-    check_vocab(cfg, data_lib.make_sources(cfg.data).vocab_size)
+    data_lib.check_vocab(data_lib.make_sources(cfg.data), cfg.model.vocab_size)
     with jax.set_mesh(mesh):
         run = build(cfg, mesh)
         data_iter = data_lib.make_train_iterator(cfg.data, **proc)

@@ -9,7 +9,7 @@ import pytest
 
 from gdn2_jax import data
 from gdn2_jax.config import DataConfig, RecallConfig
-from gdn2_jax.data import packed, recall
+from gdn2_jax.data import packed, recall, token_files
 
 
 def _check_answers(example, cfg: RecallConfig):
@@ -126,7 +126,8 @@ def test_token_files_pack_every_token_once(tmp_path, suffix):
     tokens[::37] = 0
     path = tmp_path / f"toks{suffix}"
     np.save(path, tokens) if suffix == ".npy" else tokens.tofile(path)
-    windows = packed.PackedWindows(packed.token_streams([str(path)], "uint16"), 16, eos_id=0)
+    files = token_files.load([str(path)], (), "uint16", eos_id=0)
+    windows = packed.PackedWindows([f.tokens for f in files.train], 16, eos_id=0)
     assert len(windows) == (1000 - 1) // 16
     targets = np.concatenate([windows[i]["targets"] for i in range(len(windows))])
     np.testing.assert_array_equal(targets, tokens[1 : 1 + len(targets)])

@@ -11,7 +11,8 @@ import numpy as np
 from absl import flags
 
 from gdn2_jax.config import DataConfig
-from gdn2_jax.data import packed, recall
+from gdn2_jax.data import packed, recall, token_files
+from gdn2_jax.data.errors import DataError
 
 TRAIN_SPLIT, EVAL_SPLIT = 0, 1
 
@@ -22,6 +23,8 @@ class Sources:
     eval: object
     # Tokens the data can contain (None when unknown without reading every token).
     vocab_size: int | None
+    # kind="tokens": the checked token files (what `check_vocab` reports offsets in).
+    tokens: token_files.TokenData | None = None
 
 
 def make_sources(cfg: DataConfig) -> Sources:
@@ -31,24 +34,35 @@ def make_sources(cfg: DataConfig) -> Sources:
             recall.RecallSource(cfg.recall, cfg.seq_len, cfg.seed, EVAL_SPLIT),
             cfg.recall.vocab_size,
         )
-    if cfg.kind == "text":
-
-        def streams(paths):
-            return [packed.byte_stream(paths, cfg.jsonl_field)]
-
-        eos, vocab = packed.BYTE_EOS, packed.BYTE_VOCAB_SIZE
-    else:
-
-        def streams(paths):
-            return packed.token_streams(paths, cfg.token_dtype)
-
-        eos, vocab = cfg.eos_id, None
-    train = packed.PackedWindows(streams(cfg.paths), cfg.seq_len, eos)
+    if cfg.kind == "tokens":
+        return _token_sources(cfg)
+    eos = packed.BYTE_EOS
+    train = packed.PackedWindows([packed.byte_stream(cfg.paths, cfg.jsonl_field)], cfg.seq_len, eos)
     if cfg.eval_paths:
-        return Sources(
-            train, packed.PackedWindows(streams(cfg.eval_paths), cfg.seq_len, eos), vocab
+        held = [packed.byte_stream(cfg.eval_paths, cfg.jsonl_field)]
+        return Sources(train, packed.PackedWindows(held, cfg.seq_len, eos), packed.BYTE_VOCAB_SIZE)
+    return _split_tail(train, cfg.eval_fraction, packed.BYTE_VOCAB_SIZE)
+
+
+def _token_sources(cfg: DataConfig) -> Sources:
+    data = token_files.load(cfg.paths, cfg.eval_paths, cfg.token_dtype, cfg.eos_id)
+    train = packed.PackedWindows([f.tokens for f in data.train], cfg.seq_len, data.eos_id)
+    if not data.eval:
+        return dataclasses.replace(
+            _split_tail(train, cfg.eval_fraction, data.vocab_size), tokens=data
         )
-    return _split_tail(train, cfg.eval_fraction, vocab)
+    held = packed.PackedWindows([f.tokens for f in data.eval], cfg.seq_len, data.eos_id)
+    return Sources(train, held, data.vocab_size, data)
+
+
+def check_vocab(sources: Sources, model_vocab_size: int) -> None:
+    """Every id the data holds is one the model embeds; token files name the file and offset."""
+    if sources.tokens is not None:
+        token_files.check_model_vocab(sources.tokens, model_vocab_size)
+    elif sources.vocab_size is not None and sources.vocab_size > model_vocab_size:
+        raise DataError(
+            f"the data uses {sources.vocab_size} token ids but model.vocab_size={model_vocab_size}"
+        )
 
 
 def _split_tail(windows, fraction: float, vocab: int | None) -> Sources:
@@ -56,7 +70,7 @@ def _split_tail(windows, fraction: float, vocab: int | None) -> Sources:
     n = len(windows)
     num_eval = max(1, math.ceil(n * fraction))
     if num_eval >= n:
-        raise ValueError(f"only {n} windows: too few to hold out {fraction:.1%} for eval")
+        raise DataError(f"only {n} windows: too few to hold out {fraction:.1%} for eval")
     ds = grain.MapDataset.source(windows)
     return Sources(ds[: n - num_eval], ds[n - num_eval :], vocab)
 
