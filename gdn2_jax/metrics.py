@@ -68,6 +68,22 @@ class MetricsWriter:
             self._tb.close()
 
 
+def drop_records_after(workdir: str | Path, step: int) -> None:
+    """Removes the records of steps after `step` from `metrics.jsonl`: a run resumed from
+    `step` logs those steps again, and one record per step and split stays true. The file is
+    replaced whole (a new file renamed over it)."""
+    path = Path(workdir) / "metrics.jsonl"
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if json.loads(line)["step"] <= step]
+    if len(kept) == len(lines):
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    tmp.replace(path)
+
+
 class Throughput:
     """Tokens/s and MFU over the interval since the previous call."""
 
