@@ -44,7 +44,7 @@ def _read(step_dir: Path, step: int) -> tuple[dict | None, str]:
     """The manifest's file table, or None and why it cannot be trusted."""
     path = step_dir / NAME
     if not path.is_file():
-        return None, f"it has no {NAME} (its save never completed)"
+        return None, f"it has no {NAME} (its save did not complete, or it predates manifests)"
     try:
         manifest = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from train_testing import read_metrics, run_python, tiny_config
 
-from gdn2_jax import data, manifest, trainer, workdir
+from gdn2_jax import data, manifest, metrics, trainer, workdir
 from gdn2_jax.checkpoint import Checkpointer, DamagedCheckpointError, IncompatibleCheckpointError
 from gdn2_jax.config import CheckpointConfig, ConfigError, DataConfig
 
@@ -175,11 +175,9 @@ def test_overwrite_move_keeps_old_run_aside_and_metrics_unmixed(tiny_run, tmp_pa
 
 def test_overwrite_delete_removes_old_run(tiny_run, tmp_path):
     path = _copy_run(tiny_run, tmp_path)
-    over = ("checkpoint.resume=false", "checkpoint.overwrite=delete")
-    trainer.train(tiny_config(path, *over), until=1)
-    assert [s for s, _ in _losses(path)] == [1]
-    assert sorted(p.name for p in (path / "checkpoints").iterdir()) == ["1"]
-    assert not (path / workdir.PREVIOUS_RUNS).exists()
+    assert workdir.run_entries(path) == ["checkpoints", "metrics.jsonl"]
+    workdir.prepare(path, CheckpointConfig(resume=False, overwrite="delete"), steps=[2, 4])
+    assert workdir.run_entries(path) == [] and not (path / workdir.PREVIOUS_RUNS).exists()
 
 
 def test_overwrite_without_resume_false_is_a_config_error(tmp_path):
@@ -220,23 +218,55 @@ def _overwrite(path):
         f.write(bytes(b ^ 0xFF for b in path.read_bytes()[size // 4 : size // 2]))
 
 
-@pytest.mark.parametrize("damage", [_delete, _truncate, _overwrite], ids=lambda f: f.__name__[1:])
-def test_damaged_latest_step_falls_back_to_newest_intact(tiny_run, tmp_path, caplog, damage):
+DAMAGES = {
+    "delete": (_delete, "missing"),
+    "truncate": (_truncate, "when saved"),
+    "overwrite": (_overwrite, "contents changed since the save (SHA-256 differs)"),
+}
+
+
+@pytest.mark.parametrize("kind", DAMAGES)
+def test_damaged_latest_step_is_set_aside_for_newest_intact(tiny_run, tmp_path, caplog, kind):
+    damage, reason = DAMAGES[kind]
+    path = _copy_run(tiny_run, tmp_path)
+    damaged_file = _largest_file(path / "checkpoints" / "4")
+    damage(damaged_file)
+    ckpt = Checkpointer(path / "checkpoints", CheckpointConfig())
+    with caplog.at_level("WARNING", logger="gdn2_jax.checkpoint"):
+        assert ckpt.resume_step() == 2
+    name = damaged_file.relative_to(path / "checkpoints" / "4").as_posix()
+    assert f"damaged checkpoint: step 4 in {path / 'checkpoints'} ({name}: " in caplog.text
+    assert reason in caplog.text
+    assert "resuming from step 2, the newest intact step" in caplog.text
+    # The damaged step is kept for inspection, out of the way of the run's next step 4.
+    assert ckpt.all_steps() == [2] and ckpt.problems(2) == []
+    (kept,) = (path / workdir.DAMAGED).iterdir()
+    assert kept.name.startswith("4.") and manifest.problems(kept, 4)[0].startswith(name)
+    ckpt.close()
+
+
+def test_resume_past_damaged_latest_step_reproduces_losses(tiny_run, tmp_path):
+    """Overwritten bytes (the damage orbax restores silently): the run resumes from step 2 and
+    trains steps 3 and 4 again to the losses they had, each logged once."""
     path = _copy_run(tiny_run, tmp_path)
     uninterrupted = _losses(path)
-    damage(_largest_file(path / "checkpoints" / "4"))
-    with caplog.at_level("WARNING", logger="gdn2_jax.checkpoint"):
-        summary = trainer.train(tiny_config(path, "checkpoint.every_steps=2"), until=4)
-    assert "damaged checkpoint: step 4" in caplog.text
-    assert "resuming from step 2, the newest intact step" in caplog.text
-    (kept,) = (path / workdir.DAMAGED).iterdir()
-    # The damaged step is kept for inspection, out of the way of the run's new step 4.
-    assert kept.name.startswith("4.") and manifest.problems(kept, 4)
-    # Steps 3 and 4 trained again from step 2 give the losses they had, each logged once.
+    _overwrite(_largest_file(path / "checkpoints" / "4"))
+    summary = trainer.train(tiny_config(path, "checkpoint.every_steps=2"), until=4)
     assert summary["step"] == 4 and _losses(path) == uninterrupted
     ckpt = Checkpointer(path / "checkpoints", CheckpointConfig())
     assert ckpt.all_steps() == [2, 4] and ckpt.latest_intact_step() == 4
     ckpt.close()
+
+
+def test_resume_drops_metrics_logged_past_restored_step(tmp_path):
+    rows = [json.dumps({"split": "train", "step": s, "loss": 1.0 / s}) + "\n" for s in (1, 2, 3)]
+    # The last record was being written when the process was killed.
+    (tmp_path / "metrics.jsonl").write_text("".join(rows) + '{"split": "tr')
+    metrics.drop_records_after(tmp_path, 2)
+    assert (tmp_path / "metrics.jsonl").read_text() == "".join(rows[:2])
+    (tmp_path / "metrics.jsonl").write_text(rows[0] + "not json\n")
+    with pytest.raises(ValueError, match=r"metrics\.jsonl:2 is not a metrics record"):
+        metrics.drop_records_after(tmp_path, 2)
 
 
 def test_every_step_damaged_is_a_damage_error_not_a_fresh_start(tiny_run, tmp_path):
