@@ -53,18 +53,18 @@ def sync(name: str) -> None:
 def _refusal(workdir: Path, found: list[str], steps: list[int], cfg: CheckpointConfig) -> str:
     held = ", ".join(found)
     if steps:
-        held += f" (checkpoint steps {', '.join(map(str, steps))})"
+        held += f"; checkpoint steps {', '.join(map(str, steps))}"
     if cfg.resume:
         why = "it saved no checkpoint to resume, and a new run would mix with its files"
-        resume = ""
+        options = "use another train.workdir"
     else:
-        why = "checkpoint.resume=false starts a new run, which would mix with or replace it"
-        resume = "checkpoint.resume=true to continue it, " if steps else ""
+        why = "checkpoint.resume=false would start a new run on top of it"
+        options = "continue it (checkpoint.resume=true), " if steps else ""
+        options += "use another train.workdir"
     return (
-        f"train.workdir {workdir} already holds a run: {held}; {why}. Set {resume}another "
-        f"train.workdir, or checkpoint.resume=false with checkpoint.overwrite=move (moves the old "
-        f"run into {workdir / PREVIOUS_RUNS}/<UTC time>/) or checkpoint.overwrite=delete "
-        "(removes it)."
+        f"train.workdir {workdir} already holds a run ({held}): {why}. Either {options}, or "
+        f"replace it with checkpoint.resume=false and checkpoint.overwrite=move (moves it into "
+        f"{workdir / PREVIOUS_RUNS}/<UTC time>/) or checkpoint.overwrite=delete (removes it)."
     )
 
 

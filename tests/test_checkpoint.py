@@ -153,7 +153,7 @@ def test_resume_false_in_used_workdir_refuses_and_keeps_the_run(tiny_run, tmp_pa
         trainer.train(tiny_config(path, "checkpoint.resume=false"), until=1)
     message = str(err.value)
     assert f"train.workdir {path} already holds a run" in message
-    assert "checkpoint steps 2, 4" in message and "checkpoint.resume=true" in message
+    assert "checkpoint steps 2, 4" in message and "continue it (checkpoint.resume=true)" in message
     assert "checkpoint.overwrite=move" in message and "checkpoint.overwrite=delete" in message
     assert sorted(p.name for p in (path / "checkpoints").iterdir()) == ["2", "4"]
     assert _losses(path) == before
