@@ -126,7 +126,8 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, data_iterator, config: dict) -> None:
         """Starts a save; with async saves it returns once the arrays are copied off-device."""
-        # Orbax waits for the previous save here anyway; its manifest is written meanwhile.
+        # Orbax would wait for the previous save here anyway: waiting first lets its manifest
+        # be written before the next save starts.
         self.wait()
         self.manager.save(
             step,

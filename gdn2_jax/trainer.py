@@ -296,7 +296,6 @@ def _restore_and_loop(run: Run, ckpt: Checkpointer, data_iter, until: int | None
         return loop(run, state, data_iter, eval_data, tracker, stop)
     finally:
         bar.close()
-        ckpt.wait()
         writer.close()
 
 
