@@ -12,7 +12,7 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from train_testing import read_metrics, run_python, tiny_config
+from train_testing import DEFAULT_CONFIG, read_metrics, run_python, tiny_config, tiny_overrides
 
 from gdn2_jax import data, manifest, metrics, trainer, workdir
 from gdn2_jax.checkpoint import Checkpointer, DamagedCheckpointError, IncompatibleCheckpointError
@@ -154,6 +154,15 @@ def test_resume_false_in_used_workdir_refuses_and_keeps_the_run(tiny_run, tmp_pa
     assert "checkpoint.overwrite=move" in message and "checkpoint.overwrite=delete" in message
     assert sorted(p.name for p in (path / "checkpoints").iterdir()) == ["2", "4"]
     assert _losses(path) == before
+
+
+def test_train_py_refuses_used_workdir_with_one_error_line(tiny_run, tmp_path):
+    path = _copy_run(tiny_run, tmp_path)
+    sets = [f"--set={o}" for o in tiny_overrides(path, "checkpoint.resume=false")]
+    child = run_python(["train.py", "--config", str(DEFAULT_CONFIG), *sets])
+    lines = child.stderr.splitlines()
+    assert child.returncode == 2 and len(lines) == 1, child.stderr
+    assert lines[0].startswith(f"error: train.workdir {path} already holds a run")
 
 
 def test_overwrite_move_keeps_old_run_aside_and_metrics_unmixed(tiny_run, tmp_path):
