@@ -9,9 +9,11 @@ import argparse
 import json
 import sys
 
+from gdn2_jax.checkpoint import DamagedCheckpointError, IncompatibleCheckpointError
 from gdn2_jax.config import ConfigError, load_config, to_dict
 from gdn2_jax.data.errors import DataError
 from gdn2_jax.trainer import TrainingDivergedError, train
+from gdn2_jax.workdir import WorkdirInUseError
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -40,7 +42,11 @@ def main(argv: list[str]) -> int:
         return 0
     try:
         summary = train(cfg)
-    except TrainingDivergedError as e:
+    except (ConfigError, WorkdirInUseError, IncompatibleCheckpointError) as e:
+        # The config does not fit the workdir: a usage error, as a bad --set is.
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (TrainingDivergedError, DamagedCheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except DataError as e:

@@ -107,8 +107,12 @@ class CheckpointConfig:
     every_steps: int = 500
     keep: int = 3
     async_save: bool = True
-    # Start from the latest checkpoint in the workdir when there is one.
+    # Start from the newest intact checkpoint in the workdir when there is one.
     resume: bool = True
+    # Starting over (resume=false) in a workdir that holds a run: "no" refuses, "move" moves
+    # the old run (checkpoints, metrics, TensorBoard) into <workdir>/previous_runs/<UTC time>/,
+    # "delete" removes it.
+    overwrite: Literal["no", "move", "delete"] = "no"
 
 
 @dataclasses.dataclass(frozen=True)

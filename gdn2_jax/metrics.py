@@ -68,6 +68,31 @@ class MetricsWriter:
             self._tb.close()
 
 
+def drop_records_after(workdir: str | Path, step: int) -> None:
+    """Removes the records of steps after `step` from `metrics.jsonl`: a run resumed from
+    `step` logs those steps again, and one record per step and split stays true. A last line
+    without its newline is a record the previous process was killed writing, and goes too. The
+    file is replaced whole (a new file renamed over it)."""
+    path = Path(workdir) / "metrics.jsonl"
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    complete = lines if not lines or lines[-1].endswith("\n") else lines[:-1]
+    kept = []
+    for number, line in enumerate(complete, 1):
+        try:
+            record_step = json.loads(line)["step"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}:{number} is not a metrics record ({e!r}): {line!r}") from e
+        if record_step <= step:
+            kept.append(line)
+    if len(kept) == len(lines):
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    tmp.replace(path)
+
+
 class Throughput:
     """Tokens/s and MFU over the interval since the previous call."""
 

@@ -4,6 +4,7 @@ queued."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -19,8 +20,9 @@ from flax import nnx
 from gdn2_jax import data as data_lib
 from gdn2_jax import metrics as metrics_lib
 from gdn2_jax import sharding
+from gdn2_jax import workdir as workdir_lib
 from gdn2_jax.checkpoint import Checkpointer
-from gdn2_jax.config import Config, to_dict
+from gdn2_jax.config import CheckpointConfig, Config, to_dict
 from gdn2_jax.model import CausalLM
 from gdn2_jax.optim import make_optimizer
 from gdn2_jax.train_step import TrainState, eval_step, train_step
@@ -118,8 +120,18 @@ def build(cfg: Config, mesh: jax.sharding.Mesh) -> Run:
     )
 
 
+def open_checkpoints(workdir: Path, cfg: CheckpointConfig) -> Checkpointer:
+    """The workdir's checkpoints, once `workdir.prepare` has made room for a new run (or
+    refused to)."""
+    ckpt = Checkpointer(workdir / workdir_lib.CHECKPOINTS, cfg)
+    steps = ckpt.all_steps()
+    ckpt.close()
+    workdir_lib.prepare(workdir, cfg, steps)
+    return Checkpointer(workdir / workdir_lib.CHECKPOINTS, cfg)
+
+
 def restore_or_init(run: Run, ckpt: Checkpointer, data_iter) -> TrainState:
-    step = ckpt.latest_step() if run.cfg.checkpoint.resume else None
+    step = ckpt.resume_step() if run.cfg.checkpoint.resume else None
     if step is None:
         return run.init_fn(jax.random.key(run.cfg.train.seed))
     target = jax.tree.map(
@@ -147,14 +159,20 @@ def evaluate(run: Run, params, batches: list[dict[str, jax.Array]]) -> dict[str,
 
 
 def check_finite(step: int, metrics: dict[str, float], ckpt: Checkpointer) -> None:
-    bad = {k: v for k, v in metrics.items() if k in ("loss", "grad_norm") and not math.isfinite(v)}
+    """Stops on a NaN or Inf loss, gradient norm or parameter norm. Every saved state passed
+    this check, so the newest intact checkpoint holds finite parameters."""
+    watched = ("loss", "grad_norm", "param_norm")
+    bad = {k: v for k, v in metrics.items() if k in watched and not math.isfinite(v)}
     if bad:
         ckpt.wait()
-        last = ckpt.latest_step()
-        where = f"step {last} in {ckpt.directory}" if last is not None else "none was saved"
+        last = ckpt.latest_intact_step()
+        where = (
+            f"the last good checkpoint is step {last} in {ckpt.directory}"
+            if last is not None
+            else f"no intact checkpoint is in {ckpt.directory}"
+        )
         raise TrainingDivergedError(
-            f"training diverged at step {step}: {bad}. Stopped without saving; the last good "
-            f"checkpoint is {where}."
+            f"training diverged at step {step}: {bad}. Stopped without saving; {where}."
         )
 
 
@@ -248,8 +266,35 @@ def check_batch(cfg: Config, mesh: jax.sharding.Mesh) -> None:
         )
 
 
+def _restore_and_loop(run: Run, ckpt: Checkpointer, data_iter, until: int | None) -> dict:
+    cfg, mesh = run.cfg, run.mesh
+    proc = {"process_index": jax.process_index(), "process_count": jax.process_count()}
+    is_main = jax.process_index() == 0
+    state = restore_or_init(run, ckpt, data_iter)
+    start = int(jax.device_get(state.step))
+    if is_main:
+        # What was logged past the restored step is logged again as it is recomputed.
+        metrics_lib.drop_records_after(cfg.train.workdir, start)
+    writer = metrics_lib.MetricsWriter(
+        cfg.train.workdir, tensorboard=cfg.logging.tensorboard, enabled=is_main
+    )
+    bar = metrics_lib.progress_bar(start, cfg.train.steps, cfg.logging.progress_bar and is_main)
+    try:
+        eval_data = [
+            sharding.host_local_to_global(b, mesh)
+            for b in data_lib.eval_batches(cfg.data, cfg.eval.num_batches, **proc)
+        ]
+        tracker = Tracker(run, ckpt, writer, bar)
+        stop = cfg.train.steps if until is None else min(until, cfg.train.steps)
+        return loop(run, state, data_iter, eval_data, tracker, stop)
+    finally:
+        bar.close()
+        writer.close()
+
+
 def train(cfg: Config, *, until: int | None = None) -> dict[str, Any]:
-    """Trains `cfg` to `train.steps`, resuming from the workdir's latest checkpoint if any.
+    """Trains `cfg` to `train.steps`, resuming from the workdir's newest intact checkpoint if
+    any (see `open_checkpoints` for a workdir that holds another run).
 
     `until` ends this run early at that step, with a checkpoint, as a preempted or time-sliced
     job would; running again resumes the same schedule. Returns the final step, the last train
@@ -261,30 +306,14 @@ def train(cfg: Config, *, until: int | None = None) -> dict[str, Any]:
     check_batch(cfg, mesh)
     sharding.check_context_within_hosts(mesh)
     proc = {"process_index": jax.process_index(), "process_count": jax.process_count()}
-    is_main = jax.process_index() == 0
     data_lib.check_vocab(data_lib.make_sources(cfg.data), cfg.model.vocab_size)
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(mesh), contextlib.ExitStack() as stack:
         run = build(cfg, mesh)
         data_iter = data_lib.make_train_iterator(cfg.data, **proc)
-        ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint)
-        writer = metrics_lib.MetricsWriter(
-            workdir, tensorboard=cfg.logging.tensorboard, enabled=is_main
-        )
-        state = restore_or_init(run, ckpt, data_iter)
-        start = int(jax.device_get(state.step))
-        bar = metrics_lib.progress_bar(start, cfg.train.steps, cfg.logging.progress_bar and is_main)
-        try:
-            eval_data = [
-                sharding.host_local_to_global(b, mesh)
-                for b in data_lib.eval_batches(cfg.data, cfg.eval.num_batches, **proc)
-            ]
-            tracker = Tracker(run, ckpt, writer, bar)
-            stop = cfg.train.steps if until is None else min(until, cfg.train.steps)
-            summary = loop(run, state, data_iter, eval_data, tracker, stop)
-        finally:
-            bar.close()
-            ckpt.wait()
-            ckpt.close()
-            writer.close()
+        # Worker processes and orbax's threads end with the run, whatever stops it.
+        stack.callback(data_iter.close)
+        ckpt = open_checkpoints(workdir, cfg.checkpoint)
+        stack.callback(ckpt.close)
+        summary = _restore_and_loop(run, ckpt, data_iter, until)
     summary["wall_time_s"] = time.perf_counter() - t0
     return summary

@@ -83,39 +83,60 @@ def local_batch_size(cfg: DataConfig, process_count: int) -> int:
     return cfg.batch_size // process_count
 
 
-def _batched(source, cfg: DataConfig, *, shuffle: bool, process_index: int, process_count: int):
+def _examples(source, cfg: DataConfig, *, shuffle: bool) -> grain.MapDataset:
     ds = grain.MapDataset.source(source)
     if shuffle:
         ds = ds.shuffle(seed=cfg.seed)
     if len(ds) < recall.NUM_EXAMPLES:
         # Epochs repeat forever, each in a fresh shuffled order.
         ds = ds.repeat()
-    ds = ds[process_index::process_count]
+    return ds
+
+
+def _batched(source, cfg: DataConfig, *, shuffle: bool, process_index: int, process_count: int):
+    ds = _examples(source, cfg, shuffle=shuffle)[process_index::process_count]
     return ds.batch(local_batch_size(cfg, process_count), drop_remainder=True)
 
 
 def make_train_iterator(cfg: DataConfig, *, process_index: int = 0, process_count: int = 1):
     """An endless iterator of this host's share of each global batch. Its `get_state()` /
-    `set_state()` are what checkpoints store, so a resumed run sees the same batches."""
+    `set_state()` are what checkpoints store, so a resumed run sees the same batches.
+
+    Grain's `ElasticIterator` keeps the position as one global example index, the same for any
+    number of worker processes: a run resumes with another `num_workers`. Host p reads examples
+    p, p + P, ... of each global batch, as `eval_batches` does."""
     source = make_sources(cfg).train
+    # Grain would say it only at the first batch, without naming the config key.
+    local_batch_size(cfg, process_count)
     # Recall examples are independent draws already; shuffling them would change nothing.
     shuffle = cfg.shuffle and cfg.kind != "recall"
-    ds = _batched(
-        source, cfg, shuffle=shuffle, process_index=process_index, process_count=process_count
-    )
     read = grain.ReadOptions(num_threads=cfg.prefetch, prefetch_buffer_size=cfg.prefetch)
-    it_ds = ds.to_iter_dataset(read)
-    return iter(in_workers(it_ds, cfg.num_workers))
+    workers = None
+    if cfg.num_workers:
+        allow_worker_processes()
+        workers = grain.MultiprocessingOptions(num_workers=cfg.num_workers)
+    elastic = grain.experimental.ElasticIterator(
+        _examples(source, cfg, shuffle=shuffle),
+        cfg.batch_size,
+        grain.sharding.ShardOptions(process_index, process_count),
+        read_options=read,
+        multiprocessing_options=workers,
+    )
+    return iter(elastic)
+
+
+def allow_worker_processes() -> None:
+    """Grain's worker processes read absl flags, which only an absl app has parsed
+    (google/grain#1355); outside one, accept the flag defaults."""
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
 
 
 def in_workers(it_ds: grain.IterDataset, num_workers: int) -> grain.IterDataset:
     """`it_ds` prefetched by `num_workers` grain worker processes (unchanged for 0)."""
     if num_workers == 0:
         return it_ds
-    # Grain's worker processes read absl flags, which only an absl app has parsed
-    # (google/grain#1355); outside one, accept the flag defaults.
-    if not flags.FLAGS.is_parsed():
-        flags.FLAGS.mark_as_parsed()
+    allow_worker_processes()
     return it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
 
 
