@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+from gdn2_jax.ops import values
 from gdn2_jax.ops.api import gated_delta_rule2
 from gdn2_jax.ops.checks import check_inputs
 from gdn2_jax.ops.decay import HIGHEST
@@ -163,6 +164,7 @@ def gated_delta_rule2_context(
     backend="auto",
     chunk_size=64,
     interpret=False,
+    check_values=False,
 ):
     """`gated_delta_rule2` on this device's span of a sequence split over `axis_name`.
 
@@ -171,11 +173,12 @@ def gated_delta_rule2_context(
     arguments are the global ones, the same on every device of the axis: initial_state [N, H, K, V]
     (the state before global token 0, or per packed sequence), cu_seqlens [N+1] global packed
     boundaries (B = 1). Returns this span's o [B, T_local, H, V] and, with output_final_state, the
-    global final state [N, H, K, V] on every device (else None).
+    global final state [N, H, K, V] on every device (else None). check_values as
+    `gated_delta_rule2`, per span: a traced bad value poisons its sequence from this span on.
     """
     op_kw = dict(
         scale=scale, use_qk_l2norm=use_qk_l2norm, backend=backend, chunk_size=chunk_size,
-        interpret=interpret,
+        interpret=interpret, check_values=check_values,
     )  # fmt: skip
     if cu_seqlens is None:
         o0, o1, P, R, C0 = _dense_span(q, k, v, g, b, w, initial_state, op_kw)
@@ -184,7 +187,13 @@ def gated_delta_rule2_context(
         span = PackedSpan(cu_seqlens, q.shape[1], axis_name)
         o0, o1, P, R, finals0, P_seg = _packed_span(q, k, v, g, b, w, initial_state, span, op_kw)
         C, _ = incoming_states(P, R, jnp.zeros_like(R), axis_name)
-    o = o0.astype(jnp.float32) + _mm("bthk,bhkv->bthv", o1.astype(jnp.float32), C)
+    carried = _mm("bthk,bhkv->bthv", o1.astype(jnp.float32), C)
+    if cu_seqlens is not None:
+        # Only n*'s first segment sees C (o1 is exactly 0 past it); the select keeps a NaN in a
+        # poisoned sequence's C off the span's other sequences, where 0 · NaN would reach them.
+        in_first = jnp.arange(q.shape[1]) < span.first_end
+        carried = jnp.where(in_first[None, :, None, None], carried, 0.0)
+    o = o0.astype(jnp.float32) + carried
     final = None
     if output_final_state and cu_seqlens is None:
         last = jax.lax.axis_index(axis_name) == jax.lax.axis_size(axis_name) - 1
@@ -228,6 +237,12 @@ def context_parallel_gated_delta_rule2(
     axes. Results as `gated_delta_rule2`.
     """
     check_inputs(q, k, v, g, b, w, initial_state=initial_state, cu_seqlens=cu_seqlens)
+    values.raise_on_concrete(
+        dict(zip("qkvgbw", (q, k, v, g, b, w), strict=True)),
+        initial_state=initial_state,
+        cu_seqlens=cu_seqlens,
+        length=q.shape[1],
+    )
     mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
     n = mesh.shape[context_axis]
     if q.shape[1] % n:
