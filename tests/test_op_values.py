@@ -3,8 +3,11 @@ inputs and bad cu_seqlens raise ValueError outside jit, fail a checkify check un
 check_values=True, and otherwise turn exactly the sequences they affect (outputs, final states
 and every input gradient) into NaN while every other sequence is computed as without them.
 
-Each backend compiles one dense and one packed function (forward and VJP) and runs every case
-through it, so the cases cost executions, not compiles.
+Each backend compiles one packed function (forward and VJP, cu_seqlens traced) and one checkified
+forward, and runs every case through them, so the cases cost executions, not compiles. Packed
+sequences share one batch row, the harder case for isolation; dense batch rows are checked on the
+scan, XLA and token-serial backends (the Pallas chunk kernels run rows as separate programs, and
+their interpret-mode compile is the most expensive, so they get the packed case only).
 """
 
 import functools
@@ -20,11 +23,12 @@ from gdn2_jax.ops import gated_delta_rule2, gated_delta_rule2_recurrent, gated_d
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
-DENSE = Shape(B=3, T=40, H=1, K=16, V=16)
-PACKED = Shape(B=1, T=48, H=1, K=16, V=16)
-CU = np.array([0, 10, 30, 48], np.int32)
-BAD_SEQ = slice(10, 30)  # packed sequence 1, where the bad values go
-GOOD_SEQS = (slice(0, 10), slice(30, 48))
+DENSE = Shape(B=2, T=40, H=1, K=16, V=16)
+PACKED = Shape(B=1, T=100, H=1, K=16, V=16)
+# Sequence 0 spans two 64-token chunks and holds the hard resets; the bad values go in sequence 1.
+CU = np.array([0, 70, 85, 100], np.int32)
+BAD_SEQ = slice(70, 85)
+GOOD_SEQS = (slice(0, 70), slice(85, 100))
 # (argument, how it is made bad, the error it must give)
 BAD_VALUES = [
     ("q", np.nan, "q must be finite"),
@@ -37,9 +41,9 @@ BAD_VALUES = [
     ("initial_state", np.inf, "initial_state must be finite"),
 ]
 BAD_CU = [
-    ([0, 30, 10, 48], "non-decreasing"),
-    ([2, 10, 30, 48], "start at 0"),
-    ([0, 10, 30, 40], "end at T=48"),
+    ([0, 85, 70, 100], "non-decreasing"),
+    ([2, 70, 85, 100], "start at 0"),
+    ([0, 70, 85, 90], "end at T=100"),
 ]
 
 
@@ -74,17 +78,34 @@ def _as_numpy(result):
     return np.asarray(o), np.asarray(S), dict(zip(NAMES, map(np.asarray, grads), strict=True))
 
 
+def _with_hard_resets(g, row, offset=0):
+    """Hard resets (g = -inf) in batch row `row`: every channel at token offset + 5, channels
+    3..8 at offset + 17 and channel 0 at offset + 33."""
+    g[row, offset + 5] = -np.inf
+    g[row, offset + 17, :, 3:9] = -np.inf
+    g[row, offset + 33, :, 0] = -np.inf
+
+
 def _dense_inputs():
-    """Row 0: hard resets (g = -inf) of every channel at t = 5, of channels 3..8 at t = 17 and
-    of channel 0 at t = 33. Row 1: a NaN in v. Row 2: a g > 0."""
+    """Row 0 with hard resets; row 1 with a NaN in v and a g > 0 (and a clean copy of it)."""
     x = make_inputs(50, DENSE)
-    x["g"][0, 5] = -np.inf
-    x["g"][0, 17, :, 3:9] = -np.inf
-    x["g"][0, 33, :, 0] = -np.inf
+    _with_hard_resets(x["g"], 0)
     clean = {n: a.copy() for n, a in x.items()}
     x["v"][1, 20, 0, 3] = np.nan
-    x["g"][2, 12, 0, 4] = 0.5
+    x["g"][1, 12, 0, 4] = 0.5
     return x, clean
+
+
+def assert_matches_fla(x, cotangents, o, S, grads, fwd_tol, grad_tol):
+    """o, S and every gradient against fla's naive recurrence on the same (sliced) arrays."""
+    o_ref, S_ref, g_ref = torch_reference(x, cotangents)
+    assert np.isfinite(o).all() and np.isfinite(S).all()
+    assert rel_err(o[:, :5], o_ref[:, :5]) <= fwd_tol, "tokens before the first reset"
+    assert rel_err(o, o_ref) <= fwd_tol
+    assert rel_err(S, S_ref) <= fwd_tol
+    for name, grad in grads.items():
+        assert np.isfinite(grad).all(), name
+        assert rel_err(grad, g_ref[name]) <= grad_tol, name
 
 
 class DenseValueTests:
@@ -110,22 +131,16 @@ class DenseValueTests:
 
     def test_minus_inf_log_decay_is_an_exact_hard_reset(self, dense):
         x, cotangents, (o, S, grads), _ = dense
-        row0 = {n: None if a is None else a[:1] for n, a in x.items()}
-        o_ref, S_ref, g_ref = torch_reference(row0, tuple(c[:1] for c in cotangents))
-        assert np.isfinite(o[0]).all() and np.isfinite(S[0]).all()
-        assert rel_err(o[:1, :5], o_ref[:, :5]) <= self.FWD_TOL, "tokens before the reset"
-        assert rel_err(o[:1], o_ref) <= self.FWD_TOL
-        assert rel_err(S[:1], S_ref) <= self.FWD_TOL
-        for name, grad in grads.items():
-            assert np.isfinite(grad[0]).all(), name
-            assert rel_err(grad[:1], g_ref[name]) <= self.GRAD_TOL, name
+        row0 = {n: a[:1] for n, a in x.items()}
+        grads = {n: d[:1] for n, d in grads.items()}
+        cot = tuple(c[:1] for c in cotangents)
+        assert_matches_fla(row0, cot, o[:1], S[:1], grads, self.FWD_TOL, self.GRAD_TOL)
 
     def test_bad_values_poison_only_their_row(self, dense):
         _, _, (o, S, grads), (o_clean, S_clean, grads_clean) = dense
-        for row in (1, 2):  # NaN in v; g > 0
-            assert np.isnan(o[row]).all() and np.isnan(S[row]).all()
-            for name, grad in grads.items():
-                assert np.isnan(grad[row]).all(), f"d{name} of row {row}"
+        assert np.isnan(o[1]).all() and np.isnan(S[1]).all()
+        for name, grad in grads.items():
+            assert np.isnan(grad[1]).all(), f"d{name} of row 1"
         np.testing.assert_array_equal(o[0], o_clean[0])
         np.testing.assert_array_equal(S[0], S_clean[0])
         for name in grads:
@@ -133,8 +148,10 @@ class DenseValueTests:
 
 
 def _packed_inputs():
+    """Three packed sequences; sequence 0 has hard resets."""
     x = make_inputs(51, PACKED, with_h0=False)
     x["initial_state"] = make_inputs(52, Shape(B=3, T=1, H=1, K=16, V=16))["initial_state"]
+    _with_hard_resets(x["g"], 0, offset=20)
     return x
 
 
@@ -144,7 +161,7 @@ def _make_bad(x, name, value):
     if name == "initial_state":
         x[name][1, 0, 2, 3] = value
     else:
-        x[name][0, 15, 0, 2] = value
+        x[name][0, 75, 0, 2] = value
     return x
 
 
@@ -185,11 +202,24 @@ class PackedValueTests:
                 err.throw()
             assert np.isnan(np.asarray(o)).any(), "the outputs are poisoned as well"
 
+    FWD_TOL = DenseValueTests.FWD_TOL
+    GRAD_TOL = DenseValueTests.GRAD_TOL
+    COTANGENTS = make_cotangents(51, PACKED, n_states=3)
+
     @pytest.fixture(scope="class")
     def packed_run(self):
         run = _forward_and_vjp(self.backend, self.interpret, "chunk", packed=True)
-        cot = tuple(map(jnp.asarray, make_cotangents(51, PACKED, n_states=3)))
+        cot = tuple(map(jnp.asarray, self.COTANGENTS))
         return lambda x, cu: _as_numpy(run(*_arrays(x), cot, jnp.asarray(cu)))
+
+    def test_minus_inf_log_decay_is_an_exact_hard_reset(self, packed_run):
+        x = _packed_inputs()
+        o, S, grads = packed_run(x, CU)
+        seq0 = slice(0, 70)
+        x0 = {n: a[:1] if n == "initial_state" else a[:, seq0] for n, a in x.items()}
+        cot = (self.COTANGENTS[0][:, seq0], self.COTANGENTS[1][:1])
+        grads = {n: d[:1] if n == "initial_state" else d[:, seq0] for n, d in grads.items()}
+        assert_matches_fla(x0, cot, o[:, seq0], S[:1], grads, self.FWD_TOL, self.GRAD_TOL)
 
     def test_bad_values_under_jit_poison_only_their_sequence(self, packed_run):
         x = _packed_inputs()
@@ -227,11 +257,6 @@ class TestScanDense(DenseValueTests):
 
 class TestXlaDense(DenseValueTests):
     backend = "xla"
-
-
-class TestPallasDense(DenseValueTests):
-    backend = "pallas"
-    interpret = True
 
 
 class TestPallasTokenSerialDense(DenseValueTests):
