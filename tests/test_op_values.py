@@ -303,3 +303,11 @@ def test_step_bad_values_under_jit_poison_only_their_row():
     assert np.isnan(np.asarray(o[1])).all() and np.isnan(np.asarray(S[1])).all()
     np.testing.assert_array_equal(o[0], o_clean[0])
     np.testing.assert_array_equal(S[0], S_clean[0])
+
+
+def test_bad_constant_under_jit_raises_while_tracing():
+    """Arrays a jitted function closes over are concrete: checked at trace time, on device."""
+    tensors, h0 = _arrays(_make_bad(_packed_inputs(), "w", np.nan))
+    run = jax.jit(lambda: gated_delta_rule2(*tensors, initial_state=h0, cu_seqlens=CU))
+    with pytest.raises(ValueError, match=r"w must be finite \(no NaN or inf\): w\[0, 75, 0, 2\]"):
+        run()

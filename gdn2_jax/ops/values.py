@@ -56,13 +56,16 @@ def _message(name, rule, ndim):
 def _check_array(name, x, check_values):
     """Raises for a concrete `x`; for a traced one returns its violation mask (checked through
     checkify when `check_values`)."""
-    bad, rule = _violations(name, x)
     if not _traced(x):
-        if bool(jnp.any(bad)):
-            index = np.unravel_index(int(jnp.argmax(bad.ravel())), bad.shape)
-            value = np.asarray(x[index])
-            raise ValueError(_message(name, rule, x.ndim).format(*index, value))
+        # Evaluated now, on x's device, even while a caller is being traced.
+        with jax.ensure_compile_time_eval():
+            bad, rule = _violations(name, x)
+            if bool(jnp.any(bad)):
+                index = np.unravel_index(int(jnp.argmax(bad.ravel())), bad.shape)
+                value = np.asarray(x[index])
+                raise ValueError(_message(name, rule, x.ndim).format(*index, value))
         return None
+    bad, rule = _violations(name, x)
     if check_values:
         index = jnp.unravel_index(jnp.argmax(bad.ravel()), bad.shape)
         checkify.check(~jnp.any(bad), _message(name, rule, x.ndim), *index, x[index])
@@ -86,12 +89,13 @@ def _cu_seqlens_violations(cu, length):
 
 def _check_cu_seqlens(cu, length, check_values):
     """Raises for a concrete cu_seqlens; for a traced one returns whether it is wrong."""
-    violations = _cu_seqlens_violations(jnp.asarray(cu, jnp.int32), length)
     if not _traced(cu):
-        for wrong, template, args in violations:
-            if bool(wrong):
-                raise ValueError(template.format(*(int(a) for a in args)))
+        with jax.ensure_compile_time_eval():
+            for wrong, template, args in _cu_seqlens_violations(jnp.asarray(cu), length):
+                if bool(wrong):
+                    raise ValueError(template.format(*(int(a) for a in args)))
         return None
+    violations = _cu_seqlens_violations(cu, length)
     if check_values:
         for wrong, template, args in violations:
             checkify.check(~wrong, template, *args)
