@@ -187,12 +187,16 @@ def gated_delta_rule2_context(
         span = PackedSpan(cu_seqlens, q.shape[1], axis_name)
         o0, o1, P, R, finals0, P_seg = _packed_span(q, k, v, g, b, w, initial_state, span, op_kw)
         C, _ = incoming_states(P, R, jnp.zeros_like(R), axis_name)
-    carried = _mm("bthk,bhkv->bthv", o1.astype(jnp.float32), C)
-    if cu_seqlens is not None:
-        # Only n*'s first segment sees C (o1 is exactly 0 past it); the select keeps a NaN in a
-        # poisoned sequence's C off the span's other sequences, where 0 · NaN would reach them.
-        in_first = jnp.arange(q.shape[1]) < span.first_end
-        carried = jnp.where(in_first[None, :, None, None], carried, 0.0)
+    o1 = o1.astype(jnp.float32)
+    if cu_seqlens is None:
+        carried = _mm("bthk,bhkv->bthv", o1, C)
+    else:
+        # Only n*'s first segment sees C (o1 is exactly 0 past it). Selecting on both sides of
+        # the product keeps a NaN in a poisoned sequence's C off the span's other sequences,
+        # where 0 · NaN would reach their outputs (forward) and their o1 cotangents (backward).
+        in_first = (jnp.arange(q.shape[1]) < span.first_end)[None, :, None, None]
+        carried = _mm("bthk,bhkv->bthv", jnp.where(in_first, o1, 0.0), C)
+        carried = jnp.where(in_first, carried, 0.0)
     o = o0.astype(jnp.float32) + carried
     final = None
     if output_final_state and cu_seqlens is None:
