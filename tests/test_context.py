@@ -65,7 +65,7 @@ def test_poisoned_sequence_stays_in_its_sequence_across_devices(errors):
     # A NaN in the packed sequence [10, 50), which runs through three of four spans: every other
     # sequence (the one after it on its last span included) equals the single device, forward and
     # backward, and the bad sequence is NaN from its first span on.
-    errs = errors["packed/context4/xla/nan_in_one_sequence"]
+    errs = errors["packed/context4/scan/nan_in_one_sequence"]
     assert errs.pop("bad_sequence_not_all_nan") == 0.0
     assert max(errs.values()) < OP_TOL, errs
 
@@ -194,8 +194,8 @@ def _op_cases():
             _mesh(context=8), packed=True, extreme=True, **xla
         ),
         "packed/context4/scan": lambda: _op_case(_mesh(context=4), packed=True, **scan),
-        "packed/context4/xla/nan_in_one_sequence": lambda: _op_case(
-            _mesh(context=4), packed=True, poison=True, **xla
+        "packed/context4/scan/nan_in_one_sequence": lambda: _op_case(
+            _mesh(context=4), packed=True, poison=True, **scan
         ),
         "batch/context2xdata2": lambda: _op_case(
             _mesh(data=2, context=2), B=4, batch_axes=("data",), abstract_mesh=True, **xla
