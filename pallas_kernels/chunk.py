@@ -2,9 +2,11 @@
 
 Same contract as `gdn2_jax.ops.core.xla_chunk_core` (whose XLA code is the executable spec):
 q, k, g, b [B, Tp, H, K]; v, w [B, Tp, H, V] with Tp a multiple of 64 (padding tokens are zeros
-with g = 0); h0s [N+1, B, H, K, V] float32; segments = (seq, first, last) per chunk. Returns
-o [B, Tp, H, V] in q's dtype and finals [N+1, B, H, K, V] float32, differentiable in q, k, v, g, b,
-w and h0s through a custom_vjp. `interpret=True` runs every kernel in Pallas interpret mode.
+with g = 0) and g finite (the op raises g = −inf to `gdn2_jax.ops.decay.log_decay_floor`, where
+exp is exactly 0, since the kernels subtract cumulated decays and −inf − (−inf) is NaN);
+h0s [N+1, B, H, K, V] float32; segments = (seq, first, last) per chunk. Returns o [B, Tp, H, V] in
+q's dtype and finals [N+1, B, H, K, V] float32, differentiable in q, k, v, g, b, w and h0s through
+a custom_vjp. `interpret=True` runs every kernel in Pallas interpret mode.
 
 Forward: 2 launches (intra-chunk, state pass). Under differentiation the forward's state pass also
 stores each chunk's S₀ and R, so the backward needs no recompute: 3 launches (reverse state pass,

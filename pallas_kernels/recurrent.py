@@ -2,8 +2,9 @@
 
 One program per (V block, sequence, head) keeps its state tile S [K, BV] in float32 registers and
 applies Eq. 29 token by token: S ← exp(g_t) ⊙ S; S ← S + k_t (w_t ⊙ v_t − Sᵀ(b_t ⊙ k_t))ᵀ;
-o_t = Sᵀ(scale·q_t). Forward only (training uses the chunk kernels). Packed sequences (cu_seqlens,
-B = 1) give each program its own token range; the state starts from that sequence's initial state.
+o_t = Sᵀ(scale·q_t); g_t = −inf (a hard reset) is exact as it is, exp(−inf) = 0. Forward only
+(training uses the chunk kernels). Packed sequences (cu_seqlens, B = 1) give each program its own
+token range; the state starts from that sequence's initial state.
 """
 
 import functools

@@ -61,6 +61,15 @@ def test_op_equals_single_device(errors, case):
     assert max(errors[case].values()) < OP_TOL, errors[case]
 
 
+def test_poisoned_sequence_stays_in_its_sequence_across_devices(errors):
+    # A NaN in the packed sequence [10, 50), which runs through three of four spans: every other
+    # sequence (the one after it on its last span included) equals the single device, forward and
+    # backward, and the bad sequence is NaN from its first span on.
+    errs = errors["packed/context4/scan/nan_in_one_sequence"]
+    assert errs.pop("bad_sequence_not_all_nan") == 0.0
+    assert max(errs.values()) < OP_TOL, errs
+
+
 @pytest.mark.parametrize("case", LAYER_CASES)
 def test_layer_helper_equals_single_device(errors, case):
     assert errors[case], case
@@ -70,6 +79,7 @@ def test_layer_helper_equals_single_device(errors, case):
 # ---------------------------------------------------------------- child process (8 devices)
 
 PACKED_CU_SEQLENS = (0, 0, 10, 10, 50, 72, 73, 96, 96)  # empty at 0, 10 and T; 72 = 3·24 = 6·12
+BAD_SEQUENCE = 3  # [10, 50): spans 0, 1 and 2 of four, followed by [50, 72) on span 2
 
 
 def _mesh(**axes):
@@ -103,10 +113,19 @@ def _forward_and_grads(fn, inputs, cotangents, **kwargs):
 
 
 def _op_case(
-    mesh, *, packed=False, extreme=False, with_h0=True, B=2, abstract_mesh=False, **kwargs
+    mesh,
+    *,
+    packed=False,
+    extreme=False,
+    with_h0=True,
+    B=2,
+    abstract_mesh=False,
+    poison=False,
+    **kwargs,
 ):
     """Errors of the context-parallel op against `gated_delta_rule2` on the whole sequence; with
-    `abstract_mesh` the op finds the mesh set by `jax.set_mesh`, else it is passed the mesh."""
+    `abstract_mesh` the op finds the mesh set by `jax.set_mesh`, else it is passed the mesh; with
+    `poison` a NaN in BAD_SEQUENCE, and the errors on the other sequences."""
     import contextlib
 
     import jax
@@ -125,6 +144,8 @@ def _op_case(
         h0 = rng.standard_normal((n_states, shape.H, shape.K, shape.V))
         inputs["initial_state"] = h0.astype(np.float32)
         kwargs["cu_seqlens"] = jnp.asarray(PACKED_CU_SEQLENS, jnp.int32)
+    if poison:
+        inputs["v"][0, 20, 0, 0] = np.nan  # in BAD_SEQUENCE, on span 0
     cotangents = make_cotangents(3, shape, n_states)
     op_kw = {n: kwargs.pop(n) for n in ("backend", "cu_seqlens", "use_qk_l2norm", "scale")
              if n in kwargs}  # fmt: skip
@@ -137,7 +158,27 @@ def _op_case(
 
     with jax.set_mesh(mesh) if abstract_mesh else contextlib.nullcontext():
         got = _forward_and_grads(context_op, inputs, cotangents, **op_kw)
+    if poison:
+        return _poison_errors(got, want)
     return {name: rel_err(got[name], want[name]) for name in want}
+
+
+def _poison_errors(got, want):
+    """Errors on the good sequences only, and whether the bad one is all NaN."""
+    from gdn2_jax.crosscheck import rel_err
+
+    lo, hi = PACKED_CU_SEQLENS[BAD_SEQUENCE], PACKED_CU_SEQLENS[BAD_SEQUENCE + 1]
+    good_tokens = np.r_[0:lo, hi : PACKED_CU_SEQLENS[-1]]
+    good_states = [n for n in range(len(PACKED_CU_SEQLENS) - 1) if n != BAD_SEQUENCE]
+    errs = {}
+    for name in want:
+        per_state = name in ("final_state", "dinitial_state")
+        pick = (lambda a: np.asarray(a)[good_states]) if per_state else (
+            lambda a: np.asarray(a)[:, good_tokens]
+        )  # fmt: skip
+        errs[name] = rel_err(pick(got[name]), pick(want[name]))
+    bad = np.asarray(got["o"])[:, lo:hi]
+    return errs | {"bad_sequence_not_all_nan": float(not np.isnan(bad).all())}
 
 
 def _op_cases():
@@ -153,6 +194,9 @@ def _op_cases():
             _mesh(context=8), packed=True, extreme=True, **xla
         ),
         "packed/context4/scan": lambda: _op_case(_mesh(context=4), packed=True, **scan),
+        "packed/context4/scan/nan_in_one_sequence": lambda: _op_case(
+            _mesh(context=4), packed=True, poison=True, **scan
+        ),
         "batch/context2xdata2": lambda: _op_case(
             _mesh(data=2, context=2), B=4, batch_axes=("data",), abstract_mesh=True, **xla
         ),

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from op_testing import OpBackendTests
+from test_op_values import DenseValueTests, PackedValueTests
 from test_pallas import fla_recurrent
 from testing import kernel_names
 
@@ -35,6 +36,19 @@ pytestmark = [
 
 class TestPallasGpu(OpBackendTests):
     backend = "pallas"
+
+
+class TestPallasGpuValues(PackedValueTests):
+    """Hard resets and bad values through the compiled chunk kernels."""
+
+    backend = "pallas"
+
+
+class TestPallasGpuTokenSerialValues(DenseValueTests):
+    """Hard resets and bad values through the compiled token-serial kernel."""
+
+    backend = "pallas"
+    form = "recurrent"
 
 
 def _errors(x, dtype, **kwargs):

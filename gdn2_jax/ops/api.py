@@ -3,7 +3,7 @@ baselines (KDA, Gated DeltaNet) on the same code path."""
 
 import jax.numpy as jnp
 
-from gdn2_jax.ops import core, registry
+from gdn2_jax.ops import core, registry, values
 from gdn2_jax.ops.checks import check_inputs
 from gdn2_jax.ops.layout import (
     Segments,
@@ -17,8 +17,30 @@ BACKENDS = registry.CHUNK.names
 RECURRENT_BACKENDS = registry.RECURRENT.names
 
 
-def _prepare(q, k, v, g, b, w, scale, initial_state, cu_seqlens, use_qk_l2norm):
+def _screen(tensors, initial_state, cu_seqlens, check_values, state_name="initial_state"):
+    """`values.screen`, and the inputs with NaN gradients on the quarantined sequences."""
+    quarantine = values.screen(
+        dict(zip("qkvgbw", tensors, strict=True)),
+        initial_state=initial_state,
+        cu_seqlens=cu_seqlens,
+        check_values=check_values,
+        state_name=state_name,
+    )
+    if quarantine is None:
+        return None, tensors, initial_state, cu_seqlens
+    tensors, initial_state = values.guard_inputs(quarantine, tensors, initial_state)
+    if quarantine.cu_seqlens is not None:
+        cu_seqlens = quarantine.cu_seqlens
+    return quarantine, tensors, initial_state, cu_seqlens
+
+
+def _prepare(tensors, scale, initial_state, cu_seqlens, use_qk_l2norm, check_values):
+    q, k, v, g, b, w = tensors
     n_states = check_inputs(q, k, v, g, b, w, initial_state=initial_state, cu_seqlens=cu_seqlens)
+    quarantine, tensors, initial_state, cu_seqlens = _screen(
+        tensors, initial_state, cu_seqlens, check_values
+    )
+    q, k, v, g, b, w = tensors
     if use_qk_l2norm:
         q, k = l2norm(q), l2norm(k)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
@@ -26,14 +48,20 @@ def _prepare(q, k, v, g, b, w, scale, initial_state, cu_seqlens, use_qk_l2norm):
     packed = cu_seqlens is not None
     dtype = accum_dtype(q)
     h0s = stack_initial_states(initial_state, n_states, (B, H, K, v.shape[-1]), packed, dtype)
-    return q, k, g.astype(accum_dtype(g)), scale, h0s, packed
+    tensors = (q, k, v, g.astype(accum_dtype(g)), b, w)
+    return tensors, scale, h0s, initial_state, cu_seqlens, quarantine
 
 
-def _finish(o, finals, dtype, packed, initial_state, cu_seqlens, output_final_state):
-    if not output_final_state:
-        return o.astype(dtype), None
-    seq_lens = jnp.diff(cu_seqlens) if packed else None
-    return o.astype(dtype), unstack_final_states(finals, packed, initial_state, seq_lens)
+def _finish(o, finals, dtype, initial_state, cu_seqlens, output_final_state, quarantine):
+    packed = cu_seqlens is not None
+    final_state = None
+    if output_final_state:
+        seq_lens = jnp.diff(cu_seqlens) if packed else None
+        final_state = unstack_final_states(finals, packed, initial_state, seq_lens)
+    o = o.astype(dtype)
+    if quarantine is not None:
+        o, final_state = values.poison_outputs(quarantine, o, final_state)
+    return o, final_state
 
 
 def gated_delta_rule2_recurrent(
@@ -51,6 +79,7 @@ def gated_delta_rule2_recurrent(
     use_qk_l2norm=False,
     backend="auto",
     interpret=False,
+    check_values=False,
 ):
     """Token-by-token recurrence; arguments and results as `gated_delta_rule2`.
 
@@ -61,13 +90,14 @@ def gated_delta_rule2_recurrent(
     """
     registry.RECURRENT.check_name(backend)
     dtype = v.dtype
-    q, k, g, scale, h0s, packed = _prepare(
-        q, k, v, g, b, w, scale, initial_state, cu_seqlens, use_qk_l2norm
+    tensors, scale, h0s, initial_state, cu_seqlens, quarantine = _prepare(
+        (q, k, v, g, b, w), scale, initial_state, cu_seqlens, use_qk_l2norm, check_values
     )
+    q, k, v, _, b, w = tensors
     request = registry.Request.of(q, k, v, b, w, chunk_size=None, interpret=interpret)
     impl = registry.RECURRENT.select(backend, request)
-    o, finals = impl.run(q, k, v, g, b, w, h0s, cu_seqlens, scale, interpret)
-    return _finish(o, finals, dtype, packed, initial_state, cu_seqlens, output_final_state)
+    o, finals = impl.run(*tensors, h0s, cu_seqlens, scale, interpret)
+    return _finish(o, finals, dtype, initial_state, cu_seqlens, output_final_state, quarantine)
 
 
 def gated_delta_rule2(
@@ -86,6 +116,7 @@ def gated_delta_rule2(
     backend="auto",
     chunk_size=64,
     interpret=False,
+    check_values=False,
 ):
     """Gated Delta Rule-2 over a sequence.
 
@@ -106,6 +137,12 @@ def gated_delta_rule2(
       chunk_size: chunk length of the chunk backends (a power of two ≥ 16; the Pallas kernels
         support 64).
       interpret: run the Pallas kernels in Pallas interpret mode (any platform, for tests).
+      check_values: under jit, also check the values through `jax.experimental.checkify` (wrap
+        the caller with `checkify.checkify` and call `err.throw()`). Whatever it is, concrete
+        bad values (g > 0 or NaN; NaN or inf in q, k, v, b, w or initial_state; cu_seqlens not
+        from 0 to T or decreasing) raise ValueError, and traced ones give NaN outputs, final
+        states and input gradients on the sequences they affect (`gdn2_jax.ops.values`).
+        g = -inf is a hard reset of its channels (exp(-inf) = 0), exact on every backend.
 
     Returns:
       o [B, T, H, V] in v's dtype, and the final state or None.
@@ -114,13 +151,14 @@ def gated_delta_rule2(
     if chunk_size < 16 or chunk_size & (chunk_size - 1):
         raise ValueError(f"chunk_size must be a power of two >= 16, got {chunk_size}")
     dtype = v.dtype
-    q, k, g, scale, h0s, packed = _prepare(
-        q, k, v, g, b, w, scale, initial_state, cu_seqlens, use_qk_l2norm
+    tensors, scale, h0s, initial_state, cu_seqlens, quarantine = _prepare(
+        (q, k, v, g, b, w), scale, initial_state, cu_seqlens, use_qk_l2norm, check_values
     )
+    q, k, v, _, b, w = tensors
     request = registry.Request.of(q, k, v, b, w, chunk_size=chunk_size, interpret=interpret)
     impl = registry.CHUNK.select(backend, request)
-    o, finals = impl.run(q, k, v, g, b, w, h0s, cu_seqlens, scale, chunk_size, interpret)
-    return _finish(o, finals, dtype, packed, initial_state, cu_seqlens, output_final_state)
+    o, finals = impl.run(*tensors, h0s, cu_seqlens, scale, chunk_size, interpret)
+    return _finish(o, finals, dtype, initial_state, cu_seqlens, output_final_state, quarantine)
 
 
 def gated_delta_rule2_step(
@@ -136,26 +174,22 @@ def gated_delta_rule2_step(
     use_qk_l2norm=False,
     backend="auto",
     interpret=False,
+    check_values=False,
 ):
     """One decoding step: q_t, k_t, g_t, b_t [B, H, K]; v_t, w_t [B, H, V]; state [B, H, K, V].
 
     backend and interpret as `gated_delta_rule2_recurrent` ("pallas": the token-serial kernel,
-    one fused launch; "scan": the reference update in jnp).
+    one fused launch; "scan": the reference update in jnp); check_values as `gated_delta_rule2`
+    (a sequence is a batch row).
     Returns o_t [B, H, V] in v_t's dtype and the new float32 state.
     """
     registry.RECURRENT.check_name(backend)
+    tensors = (q_t, k_t, v_t, g_t, b_t, w_t)
     check_inputs(
-        q_t,
-        k_t,
-        v_t,
-        g_t,
-        b_t,
-        w_t,
-        initial_state=state,
-        cu_seqlens=None,
-        time_axis=False,
-        state_name="state",
+        *tensors, initial_state=state, cu_seqlens=None, time_axis=False, state_name="state"
     )
+    quarantine, tensors, state, _ = _screen(tensors, state, None, check_values, "state")
+    q_t, k_t, v_t, g_t, b_t, w_t = tensors
     if use_qk_l2norm:
         q_t, k_t = l2norm(q_t), l2norm(k_t)
     scale = q_t.shape[-1] ** -0.5 if scale is None else float(scale)
@@ -164,9 +198,14 @@ def gated_delta_rule2_step(
         token = [x[:, None] for x in (q_t, k_t, v_t, g_t.astype(jnp.float32), b_t, w_t)]
         h0s = stack_initial_states(state, None, state.shape, False, jnp.float32)
         o, finals = core.pallas_recurrent(*token, h0s, None, scale, interpret)
-        return o[:, 0].astype(v_t.dtype), finals[0]
-    o_t, state = step_update(q_t, k_t, v_t, g_t, b_t, w_t, state.astype(accum_dtype(state)), scale)
-    return o_t.astype(v_t.dtype), state
+        o_t, state = o[:, 0], finals[0]
+    else:
+        state = state.astype(accum_dtype(state))
+        o_t, state = step_update(q_t, k_t, v_t, g_t, b_t, w_t, state, scale)
+    o_t = o_t.astype(v_t.dtype)
+    if quarantine is not None:
+        o_t, state = values.poison_outputs(quarantine, o_t, state)
+    return o_t, state
 
 
 def _tied(beta, key_dim, value_dim):

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+from gdn2_jax.ops import values
 from gdn2_jax.ops.api import gated_delta_rule2
 from gdn2_jax.ops.checks import check_inputs
 from gdn2_jax.ops.decay import HIGHEST
@@ -45,6 +46,14 @@ def _shift(x, axis_name, n, by):
     return jax.lax.ppermute(x, axis_name, [(i, i + by) for i in range(n - by)])
 
 
+def _carry(P, S, cut):
+    """P S, exactly 0 where the map is `cut` ([B, H]: P = 0, a sequence ends inside the span or
+    its state was reset), so that the NaN state of a poisoned sequence stops where that sequence
+    ends: 0 · NaN would be NaN. Selecting on both sides keeps the cotangents clean as well."""
+    cut = cut[..., None, None]
+    return jnp.where(cut, 0.0, _apply(P, jnp.where(cut, 0.0, S)))
+
+
 def incoming_states(P, R, C0, axis_name):
     """The state entering each device's span, and the one leaving it.
 
@@ -58,15 +67,19 @@ def incoming_states(P, R, C0, axis_name):
     first = jax.lax.axis_index(axis_name) == 0
     R = jnp.where(first, _apply(P, C0) + R, R)
     P = jnp.where(first, jnp.zeros_like(P), P)
+    cut = jnp.all(P == 0, axis=(-2, -1))
     by = 1
     while by < n:
         R_lo = _shift(R, axis_name, n, by)  # zeros where there is no predecessor: R stays
         if 2 * by < n:
             has_lo = jax.lax.axis_index(axis_name) >= by
             P_lo = _shift(P, axis_name, n, by)
-            R, P = _apply(P, R_lo) + R, jnp.where(has_lo, _mm("bhij,bhjk->bhik", P, P_lo), P)
+            cut_lo = _shift(cut.astype(jnp.int32), axis_name, n, by) > 0
+            R = _carry(P, R_lo, cut) + R
+            P = jnp.where(has_lo, _mm("bhij,bhjk->bhik", P, P_lo), P)
+            cut = jnp.where(has_lo, cut | cut_lo, cut)
         else:
-            R = _apply(P, R_lo) + R
+            R = _carry(P, R_lo, cut) + R
         by *= 2
     if n == 1:
         return C0, R
@@ -141,8 +154,11 @@ def _packed_finals(finals0, P_seg, C, span: PackedSpan, axis_name):
     """Every sequence's final state on every device: each is kept by the device that holds the
     sequence's last token (an empty one by the device holding the token before it, whose value
     run returns its initial state), the others contribute zeros to one psum."""
-    is_n_star = (jnp.arange(span.n) == span.n_star)[:, None, None, None]
-    finals = finals0 + jnp.where(is_n_star, _apply(P_seg, C), 0.0)
+    is_n_star = ((jnp.arange(span.n) == span.n_star) & span.continued)[:, None, None, None]
+    # A sequence starting this span has P_seg = 0; the selects keep a NaN C (the previous,
+    # poisoned sequence's) out of its final state.
+    carried = _apply(P_seg, jnp.where(span.continued, C, 0.0))
+    finals = finals0 + jnp.where(is_n_star, carried, 0.0)
     return jax.lax.psum(jnp.where(span.owned[:, None, None, None], finals, 0.0), axis_name)
 
 
@@ -163,6 +179,7 @@ def gated_delta_rule2_context(
     backend="auto",
     chunk_size=64,
     interpret=False,
+    check_values=False,
 ):
     """`gated_delta_rule2` on this device's span of a sequence split over `axis_name`.
 
@@ -171,11 +188,12 @@ def gated_delta_rule2_context(
     arguments are the global ones, the same on every device of the axis: initial_state [N, H, K, V]
     (the state before global token 0, or per packed sequence), cu_seqlens [N+1] global packed
     boundaries (B = 1). Returns this span's o [B, T_local, H, V] and, with output_final_state, the
-    global final state [N, H, K, V] on every device (else None).
+    global final state [N, H, K, V] on every device (else None). check_values as
+    `gated_delta_rule2`, per span: a traced bad value poisons its sequence from this span on.
     """
     op_kw = dict(
         scale=scale, use_qk_l2norm=use_qk_l2norm, backend=backend, chunk_size=chunk_size,
-        interpret=interpret,
+        interpret=interpret, check_values=check_values,
     )  # fmt: skip
     if cu_seqlens is None:
         o0, o1, P, R, C0 = _dense_span(q, k, v, g, b, w, initial_state, op_kw)
@@ -184,7 +202,18 @@ def gated_delta_rule2_context(
         span = PackedSpan(cu_seqlens, q.shape[1], axis_name)
         o0, o1, P, R, finals0, P_seg = _packed_span(q, k, v, g, b, w, initial_state, span, op_kw)
         C, _ = incoming_states(P, R, jnp.zeros_like(R), axis_name)
-    o = o0.astype(jnp.float32) + _mm("bthk,bhkv->bthv", o1.astype(jnp.float32), C)
+    o1 = o1.astype(jnp.float32)
+    if cu_seqlens is None:
+        carried = _mm("bthk,bhkv->bthv", o1, C)
+    else:
+        # Only n*'s first segment sees C (o1 is exactly 0 past it). Selecting on both sides of
+        # the product keeps a NaN in a poisoned sequence's C off the span's other sequences,
+        # where 0 · NaN would reach their outputs (forward) and their o1 cotangents (backward).
+        in_first = (jnp.arange(q.shape[1]) < span.first_end) & span.continued
+        in_first = in_first[None, :, None, None]
+        carried = _mm("bthk,bhkv->bthv", jnp.where(in_first, o1, 0.0), C)
+        carried = jnp.where(in_first, carried, 0.0)
+    o = o0.astype(jnp.float32) + carried
     final = None
     if output_final_state and cu_seqlens is None:
         last = jax.lax.axis_index(axis_name) == jax.lax.axis_size(axis_name) - 1
@@ -228,6 +257,12 @@ def context_parallel_gated_delta_rule2(
     axes. Results as `gated_delta_rule2`.
     """
     check_inputs(q, k, v, g, b, w, initial_state=initial_state, cu_seqlens=cu_seqlens)
+    values.raise_on_concrete(
+        dict(zip("qkvgbw", (q, k, v, g, b, w), strict=True)),
+        initial_state=initial_state,
+        cu_seqlens=cu_seqlens,
+        length=q.shape[1],
+    )
     mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
     n = mesh.shape[context_axis]
     if q.shape[1] % n:

@@ -22,6 +22,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from gdn2_jax.ops.chunk import chunk_forward
 from gdn2_jax.ops.chunk_bwd import chunk_backward
+from gdn2_jax.ops.decay import floor_log_decay
 from gdn2_jax.ops.layout import chunk_layout, dense_segments, packed_segments
 from gdn2_jax.ops.reference import recurrent
 
@@ -64,6 +65,8 @@ def pallas_kernel(module, name):
 
 
 def _on_chunks(padded_core, q, k, v, g, b, w, h0s, cu_seqlens, scale, chunk_size):
+    # The chunk cores subtract cumulated log-decays: g = -inf must reach them finite.
+    g = floor_log_decay(g)
     padded, segments, unpad = chunk_layout((q, k, v, g, b, w), cu_seqlens, chunk_size)
     o, finals = padded_core(*padded, h0s, segments, scale, chunk_size)
     return unpad(o), finals

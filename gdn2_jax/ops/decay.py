@@ -9,14 +9,30 @@ product of γ ⊙ a and γ⁻¹ ⊙ c, but γ⁻¹ = exp(−G) overflows float32
   row block): exp(G_i − G_m) · exp(G_m − G_j), and both exponents are ≤ 0 because j ≤ m ≤ i;
 * diagonal sub-blocks are formed pairwise, with the causal mask applied before exp.
 
-Every exponential therefore has a non-positive argument: exact for any g ≤ 0, hard resets
-(g = −80) included, with no clipping.
+Every exponential therefore has a non-positive argument: exact for any finite g ≤ 0, hard resets
+(g = −80) included, with no clipping. g = −inf (a hard reset as the recurrence defines it,
+exp(−inf) = 0) would make G_i − G_j = −inf − (−inf) = NaN, so the chunk forms first raise g to
+`log_decay_floor`, where exp is already exactly 0: no decay factor changes.
 """
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def log_decay_floor(dtype):
+    """A log-decay below which exp is exactly 0 in `dtype` (float32: −111.3): 8 under the log of
+    the smallest subnormal, so that exp underflows to 0 with or without subnormals."""
+    return float(np.log(np.finfo(dtype).smallest_subnormal)) - 8.0
+
+
+def floor_log_decay(g):
+    """g with every value under `log_decay_floor` (−inf included) raised to it; the gradient of
+    those values is 0, as the recurrence's exp(g) gives at g = −inf."""
+    floor = log_decay_floor(g.dtype)
+    return jnp.where(g < floor, jnp.asarray(floor, g.dtype), g)
 
 
 def _masked_exp(x, mask):

@@ -125,6 +125,7 @@ def gated_delta_rule2(
     backend="auto",
     chunk_size=64,
     interpret=False,
+    check_values=False,
     context_parallel=True,
 ):
     """`gdn2_jax.ops.gated_delta_rule2` per shard of the active mesh (same arguments).
@@ -139,6 +140,7 @@ def gated_delta_rule2(
         backend=backend,
         chunk_size=chunk_size,
         interpret=interpret,
+        check_values=check_values,
     )
     op = functools.partial(api.gated_delta_rule2, **options)
     context_op = functools.partial(gated_delta_rule2_context, axis_name=CONTEXT_AXIS, **options)
@@ -163,6 +165,7 @@ def gated_delta_rule2_recurrent(
     use_qk_l2norm=False,
     backend="auto",
     interpret=False,
+    check_values=False,
     context_parallel=True,
 ):
     """`gdn2_jax.ops.gated_delta_rule2_recurrent` per shard of the active mesh. The token-serial
@@ -175,6 +178,7 @@ def gated_delta_rule2_recurrent(
         use_qk_l2norm=use_qk_l2norm,
         backend=backend,
         interpret=interpret,
+        check_values=check_values,
     )
     tensors = (q, k, v, g, b, w)
     return _sequence(
@@ -195,6 +199,7 @@ def gated_delta_rule2_step(
     use_qk_l2norm=False,
     backend="auto",
     interpret=False,
+    check_values=False,
 ):
     """`gdn2_jax.ops.gated_delta_rule2_step` per shard of the active mesh."""
     op = functools.partial(
@@ -203,6 +208,7 @@ def gated_delta_rule2_step(
         use_qk_l2norm=use_qk_l2norm,
         backend=backend,
         interpret=interpret,
+        check_values=check_values,
     )
     tensors = (q_t, k_t, v_t, g_t, b_t, w_t)
     split = _split(q_t.shape[0], q_t.shape[1], None, packed=False)
