@@ -121,7 +121,7 @@ def _preset(name: str) -> AblationConfig:
         # CPU smoke size (tests, CI's notebook run): compiles in seconds, learns little.
         model = ModelConfig.preset(
             "tiny", vocab_size=64, hidden_size=32, intermediate_size=64, gdn2_num_heads=2,
-            gdn2_head_dim=16, max_seq_len=64, gdn2_backend="scan",
+            gdn2_head_dim=16, gdn2_backend="scan",
         )  # fmt: skip
         return AblationConfig(
             model=model, tasks=tasks_for(16, 48, 64, 0.5), seq_len=48, batch_size=4, steps=12,
@@ -135,7 +135,7 @@ def _preset(name: str) -> AblationConfig:
         # for 400 CPU steps, so this preset stops at 1.0.)
         model = ModelConfig.preset(
             "small", vocab_size=512, hidden_size=384, intermediate_size=1024,
-            block_pattern=("gdn2",) * 4, gdn2_num_heads=4, gdn2_head_dim=64, max_seq_len=512,
+            block_pattern=("gdn2",) * 4, gdn2_num_heads=4, gdn2_head_dim=64,
             dtype="bfloat16",
         )  # fmt: skip
         return AblationConfig(

@@ -4,6 +4,7 @@ queued."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -20,7 +21,7 @@ from gdn2_jax import data as data_lib
 from gdn2_jax import metrics as metrics_lib
 from gdn2_jax import sharding
 from gdn2_jax.checkpoint import Checkpointer
-from gdn2_jax.config import Config, to_dict
+from gdn2_jax.config import Config, ConfigError, to_dict
 from gdn2_jax.model import CausalLM
 from gdn2_jax.optim import make_optimizer
 from gdn2_jax.train_step import TrainState, eval_step, train_step
@@ -151,10 +152,13 @@ def check_finite(step: int, metrics: dict[str, float], ckpt: Checkpointer) -> No
     if bad:
         ckpt.wait()
         last = ckpt.latest_step()
-        where = f"step {last} in {ckpt.directory}" if last is not None else "none was saved"
+        where = (
+            f"the last good checkpoint is step {last} in {ckpt.directory}"
+            if last is not None
+            else "no checkpoint was saved before it"
+        )
         raise TrainingDivergedError(
-            f"training diverged at step {step}: {bad}. Stopped without saving; the last good "
-            f"checkpoint is {where}."
+            f"training diverged at step {step}: {bad}. Stopped without saving; {where}."
         )
 
 
@@ -242,14 +246,14 @@ def check_batch(cfg: Config, mesh: jax.sharding.Mesh) -> None:
     accum, rows = cfg.optimizer.grad_accum_steps, cfg.data.batch_size
     shards = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
     if accum < 1 or rows % accum or (rows // accum) % shards:
-        raise ValueError(
+        raise ConfigError(
             f"data.batch_size={rows} must split into optimizer.grad_accum_steps={accum} "
             f"micro-batches whose rows divide over the {shards} devices of the mesh's data and "
             "fsdp axes"
         )
     context = sharding.context_size(mesh)
     if cfg.data.seq_len % context:
-        raise ValueError(
+        raise ConfigError(
             f"data.seq_len={cfg.data.seq_len} must divide by mesh.context={context}, the "
             "devices each sequence is split over"
         )
@@ -270,28 +274,30 @@ def train(cfg: Config, *, until: int | None = None) -> dict[str, Any]:
     proc = {"process_index": jax.process_index(), "process_count": jax.process_count()}
     is_main = jax.process_index() == 0
     check_vocab(cfg, data_lib.make_sources(cfg.data).vocab_size)
-    with jax.set_mesh(mesh):
+    # Whatever fails, everything opened so far is closed here, in reverse order: a TensorBoard
+    # writer, checkpoint manager or data worker left to the interpreter's exit prints thread
+    # tracebacks or leaked-memory warnings after the error.
+    with jax.set_mesh(mesh), contextlib.ExitStack() as opened:
         run = build(cfg, mesh)
         data_iter = data_lib.make_train_iterator(cfg.data, **proc)
+        opened.callback(data_iter.close)
         ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint)
+        opened.callback(ckpt.close)
+        opened.callback(ckpt.wait)
         writer = metrics_lib.MetricsWriter(
             workdir, tensorboard=cfg.logging.tensorboard, enabled=is_main
         )
+        opened.callback(writer.close)
         state = restore_or_init(run, ckpt, data_iter)
         start = int(jax.device_get(state.step))
         bar = metrics_lib.progress_bar(start, cfg.train.steps, cfg.logging.progress_bar and is_main)
-        try:
-            eval_data = [
-                sharding.host_local_to_global(b, mesh)
-                for b in data_lib.eval_batches(cfg.data, cfg.eval.num_batches, **proc)
-            ]
-            tracker = Tracker(run, ckpt, writer, bar)
-            stop = cfg.train.steps if until is None else min(until, cfg.train.steps)
-            summary = loop(run, state, data_iter, eval_data, tracker, stop)
-        finally:
-            bar.close()
-            ckpt.wait()
-            ckpt.close()
-            writer.close()
+        opened.callback(bar.close)
+        eval_data = [
+            sharding.host_local_to_global(b, mesh)
+            for b in data_lib.eval_batches(cfg.data, cfg.eval.num_batches, **proc)
+        ]
+        tracker = Tracker(run, ckpt, writer, bar)
+        stop = cfg.train.steps if until is None else min(until, cfg.train.steps)
+        summary = loop(run, state, data_iter, eval_data, tracker, stop)
     summary["wall_time_s"] = time.perf_counter() - t0
     return summary
