@@ -39,6 +39,9 @@ def main(argv: list[str]) -> int:
         return 0
     try:
         summary = train(cfg)
+    except ConfigError as e:  # a config that does not fit the devices (batch or mesh split)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except TrainingDivergedError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
