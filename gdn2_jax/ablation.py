@@ -37,6 +37,7 @@ from gdn2_jax.model import CausalLM
 from gdn2_jax.model_config import ModelConfig
 from gdn2_jax.optim import make_optimizer
 from gdn2_jax.train_step import TrainState, forward_stats, train_step
+from gdn2_jax.typed_config import check_types
 
 # name -> (gate_mode, allow_neg_eigval): the paper's Table 5 rows plus the tied-gate baselines.
 VARIANTS: dict[str, tuple[str, bool]] = {
@@ -59,6 +60,9 @@ class Task:
     name: str
     recall: RecallConfig
 
+    def __post_init__(self):
+        check_types(self)
+
 
 @dataclasses.dataclass(frozen=True)
 class AblationConfig:
@@ -78,6 +82,7 @@ class AblationConfig:
     num_workers: int = 0
 
     def __post_init__(self):
+        check_types(self)
         for name in ("seq_len", "batch_size", "steps", "eval_every", "eval_batches", "seeds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"AblationConfig.{name} must be >= 1, got {getattr(self, name)}")
