@@ -235,7 +235,7 @@ def _fmt(metrics: dict[str, float]) -> str:
 
 def check_vocab(cfg: Config, data_vocab: int | None) -> None:
     if data_vocab is not None and data_vocab > cfg.model.vocab_size:
-        raise ValueError(
+        raise ConfigError(
             f"the data uses {data_vocab} token ids but model.vocab_size={cfg.model.vocab_size}"
         )
 

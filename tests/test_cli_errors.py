@@ -1,12 +1,17 @@
 """Config mistakes on every command line end in one `error:` line that names the key, with exit
 status 2 and no traceback; an error after training started shuts down without tracebacks from
-threads at exit. (The convert and evaluate commands: `tests/test_convert.py`,
-`tests/test_evaluate.py`.)"""
+threads at exit; messages read as sentences. (The convert and evaluate commands:
+`tests/test_convert.py`, `tests/test_evaluate.py`.)"""
+
+import math
 
 import pytest
 from train_testing import DEFAULT_CONFIG, run_python, tiny_overrides
 
 import train
+from gdn2_jax import trainer
+from gdn2_jax.checkpoint import Checkpointer
+from gdn2_jax.config import CheckpointConfig
 
 
 def _one_error_line(err: str) -> str:
@@ -26,6 +31,7 @@ def _one_error_line(err: str) -> str:
         ("eval.num_batches=0", "eval.num_batches=0: EvalConfig.num_batches must be > 0"),
         ("model.max_seq_len=64", "model.max_seq_len=64: ModelConfig.max_seq_len was removed"),
         ("optimizer.grad_accum_steps=3", "optimizer.grad_accum_steps=3 micro-batches"),
+        ("data.recall.vocab_size=64", "but model.vocab_size=32"),
     ],
 )
 def test_train_config_errors_exit_2_with_one_error_line(override, names, tmp_path, capsys):
@@ -76,3 +82,17 @@ def test_error_after_startup_leaves_no_tracebacks_at_exit(tmp_path):
     assert "RuntimeError: injected failure after the writers opened" in result.stderr
     assert result.stderr.count("Traceback") == 1, result.stderr
     assert "Exception ignored" not in result.stderr and "Exception in thread" not in result.stderr
+
+
+def test_divergence_before_any_checkpoint_says_none_was_saved(tmp_path):
+    """Not "the last good checkpoint is none was saved."."""
+    ckpt = Checkpointer(tmp_path / "checkpoints", CheckpointConfig(async_save=False))
+    try:
+        with pytest.raises(trainer.TrainingDivergedError) as raised:
+            trainer.check_finite(3, {"loss": math.nan, "grad_norm": 1.0}, ckpt)
+    finally:
+        ckpt.close()
+    assert str(raised.value) == (
+        "training diverged at step 3: {'loss': nan}. Stopped without saving; no checkpoint was "
+        "saved before it."
+    )
