@@ -38,7 +38,7 @@ def parse_args():
 def make_config(args) -> Config:
     if args.small:
         args.preset, args.batch, args.seq_len = "tiny", 2, 128
-    model = ModelConfig.preset(args.preset, dtype=args.dtype, max_seq_len=args.seq_len)
+    model = ModelConfig.preset(args.preset, dtype=args.dtype)
     data = DataConfig(kind="recall", seq_len=args.seq_len, batch_size=args.batch)
     return Config(model=model, data=data, train=TrainConfig(steps=1000))
 

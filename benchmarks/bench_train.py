@@ -88,7 +88,7 @@ def _parse_shape(shape: str) -> tuple[int, int]:
 
 
 def make_config(preset: str, batch: int, seq_len: int, dtype: str, variant: str) -> Config:
-    model = ModelConfig.preset(preset, dtype=dtype, max_seq_len=max(seq_len, 64))
+    model = ModelConfig.preset(preset, dtype=dtype)
     cfg = Config(
         model=model,
         data=DataConfig(kind="recall", seq_len=seq_len, batch_size=batch),

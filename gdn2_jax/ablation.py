@@ -37,6 +37,7 @@ from gdn2_jax.model import CausalLM
 from gdn2_jax.model_config import ModelConfig
 from gdn2_jax.optim import make_optimizer
 from gdn2_jax.train_step import TrainState, forward_stats, train_step
+from gdn2_jax.typed_config import check_types
 
 # name -> (gate_mode, allow_neg_eigval): the paper's Table 5 rows plus the tied-gate baselines.
 VARIANTS: dict[str, tuple[str, bool]] = {
@@ -59,6 +60,9 @@ class Task:
     name: str
     recall: RecallConfig
 
+    def __post_init__(self):
+        check_types(self)
+
 
 @dataclasses.dataclass(frozen=True)
 class AblationConfig:
@@ -78,6 +82,7 @@ class AblationConfig:
     num_workers: int = 0
 
     def __post_init__(self):
+        check_types(self)
         for name in ("seq_len", "batch_size", "steps", "eval_every", "eval_batches", "seeds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"AblationConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -121,7 +126,7 @@ def _preset(name: str) -> AblationConfig:
         # CPU smoke size (tests, CI's notebook run): compiles in seconds, learns little.
         model = ModelConfig.preset(
             "tiny", vocab_size=64, hidden_size=32, intermediate_size=64, gdn2_num_heads=2,
-            gdn2_head_dim=16, max_seq_len=64, gdn2_backend="scan",
+            gdn2_head_dim=16, gdn2_backend="scan",
         )  # fmt: skip
         return AblationConfig(
             model=model, tasks=tasks_for(16, 48, 64, 0.5), seq_len=48, batch_size=4, steps=12,
@@ -135,7 +140,7 @@ def _preset(name: str) -> AblationConfig:
         # for 400 CPU steps, so this preset stops at 1.0.)
         model = ModelConfig.preset(
             "small", vocab_size=512, hidden_size=384, intermediate_size=1024,
-            block_pattern=("gdn2",) * 4, gdn2_num_heads=4, gdn2_head_dim=64, max_seq_len=512,
+            block_pattern=("gdn2",) * 4, gdn2_num_heads=4, gdn2_head_dim=64,
             dtype="bfloat16",
         )  # fmt: skip
         return AblationConfig(

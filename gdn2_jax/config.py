@@ -7,20 +7,43 @@ user can set is a declared dataclass field, so a typo fails loudly instead of be
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import importlib.util
 import json
-import types
-import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 from gdn2_jax.model_config import ModelConfig
+from gdn2_jax.typed_config import (
+    ConfigError,
+    apply_overrides,
+    check_types,
+    from_dict,
+    parse_value,
+    require,
+    require_non_negative,
+    require_positive,
+)
 
-
-class ConfigError(ValueError):
-    """A config file or override that cannot be applied."""
+# The override parser and dict loader live in typed_config, shared with every command line.
+__all__ = [
+    "CheckpointConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "EvalConfig",
+    "LoggingConfig",
+    "MeshConfig",
+    "OptimizerConfig",
+    "RecallConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "diff",
+    "from_dict",
+    "load_config",
+    "parse_value",
+    "to_dict",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +63,11 @@ class RecallConfig:
     num_pairs: int = 16
     num_queries: int = 16
     num_overwrites: int = 0
+
+    def __post_init__(self):
+        check_types(self)
+        require_positive(self, "vocab_size", "num_pairs", "num_queries")
+        require_non_negative(self, "num_overwrites")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +100,12 @@ class DataConfig:
     # an error); when both are known they must agree.
     eos_id: int | None = None
 
+    def __post_init__(self):
+        check_types(self)
+        require_positive(self, "seq_len", "batch_size")
+        require_non_negative(self, "num_workers", "prefetch", "eos_id")
+        require(self, "eval_fraction", 0 <= self.eval_fraction < 1, "in [0, 1)")
+
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
@@ -88,6 +122,14 @@ class OptimizerConfig:
     # Micro-batches per step: the global batch is split and gradients summed before the update.
     grad_accum_steps: int = 1
 
+    def __post_init__(self):
+        check_types(self)
+        require_non_negative(self, "lr", "warmup_steps", "final_lr_ratio", "weight_decay")
+        require_non_negative(self, "clip_norm")
+        require_positive(self, "eps", "grad_accum_steps")
+        for name in ("b1", "b2"):
+            require(self, name, 0 <= getattr(self, name) < 1, "in [0, 1)")
+
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
@@ -100,6 +142,15 @@ class MeshConfig:
     fsdp: int = 1
     context: int = 1
     tensor: int = 1
+
+    def __post_init__(self):
+        check_types(self)
+        for field in dataclasses.fields(self):
+            size = getattr(self, field.name)
+            require(self, field.name, size == -1 or size >= 1, "a device count >= 1, or -1")
+        rest = [f.name for f in dataclasses.fields(self) if getattr(self, f.name) == -1]
+        if len(rest) > 1:
+            raise ConfigError(f"MeshConfig: only one axis may be -1, got {', '.join(rest)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +165,10 @@ class CheckpointConfig:
     # "delete" removes it.
     overwrite: Literal["no", "move", "delete"] = "no"
 
+    def __post_init__(self):
+        check_types(self)
+        require_positive(self, "keep")
+
 
 @dataclasses.dataclass(frozen=True)
 class LoggingConfig:
@@ -123,11 +178,20 @@ class LoggingConfig:
     # Peak FLOP/s of one device for MFU; 0 looks the device up in a table (unknown -> no MFU).
     peak_flops_per_device: float = 0.0
 
+    def __post_init__(self):
+        check_types(self)
+        require_non_negative(self, "peak_flops_per_device")
+
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
     every_steps: int = 200
     num_batches: int = 8
+
+    def __post_init__(self):
+        check_types(self)
+        # Evaluation always runs at the end of training, so it needs at least one batch.
+        require_positive(self, "num_batches")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,6 +206,12 @@ class TrainConfig:
     num_processes: int = 1
     process_id: int = 0
 
+    def __post_init__(self):
+        check_types(self)
+        require_positive(self, "steps", "num_processes")
+        require(self, "process_id", 0 <= self.process_id < self.num_processes,
+                f"in [0, num_processes={self.num_processes})")  # fmt: skip
+
 
 @dataclasses.dataclass(frozen=True)
 class Config:
@@ -153,6 +223,9 @@ class Config:
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        check_types(self)
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
@@ -171,91 +244,6 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
     return apply_overrides(cfg, overrides)
 
 
-def apply_overrides(cfg: Any, overrides: Sequence[str]) -> Any:
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"override {item!r} is not of the form section.key=value")
-        cfg = _set_path(cfg, key.strip().split("."), raw.strip(), key.strip())
-    return cfg
-
-
-def _set_path(node: Any, parts: list[str], raw: str, full_key: str) -> Any:
-    names = [f.name for f in dataclasses.fields(node)]
-    name = parts[0]
-    if name not in names:
-        close = difflib.get_close_matches(name, names, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(
-            f"unknown config key {full_key!r}: {type(node).__name__} has no field {name!r}"
-            f" (fields: {', '.join(names)}){hint}"
-        )
-    current = getattr(node, name)
-    if len(parts) > 1:
-        if not dataclasses.is_dataclass(current):
-            raise ConfigError(f"config key {full_key!r}: {name!r} is a value, not a section")
-        return dataclasses.replace(node, **{name: _set_path(current, parts[1:], raw, full_key)})
-    if dataclasses.is_dataclass(current):
-        raise ConfigError(f"config key {full_key!r} is a section; set one of its fields")
-    hint = typing.get_type_hints(type(node))[name]
-    return dataclasses.replace(node, **{name: parse_value(raw, hint, full_key)})
-
-
-def parse_value(raw: str, hint: Any, key: str) -> Any:
-    """Parses the text of an override into a value of the field's declared type."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if type(None) in args and raw.lower() == "none":
-            return None
-        for option in (a for a in args if a is not type(None)):
-            try:
-                return parse_value(raw, option, key)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{key}: cannot parse {raw!r} as {hint}")
-    if origin is Literal:
-        if raw not in [str(a) for a in args]:
-            raise ConfigError(f"{key}: {raw!r} is not one of {', '.join(map(repr, args))}")
-        return next(a for a in args if str(a) == raw)
-    if origin is tuple:
-        return _parse_tuple(raw, args, key)
-    if hint is bool:
-        lowered = raw.lower()
-        if lowered not in ("true", "false", "1", "0"):
-            raise ConfigError(f"{key}: expected true or false, got {raw!r}")
-        return lowered in ("true", "1")
-    if hint is str:
-        return raw
-    if hint in (int, float):
-        return _parse_number(raw, hint, key)
-    raise ConfigError(f"{key}: fields of type {hint} cannot be set from the command line")
-
-
-def _parse_number(raw: str, kind: type, key: str) -> int | float:
-    try:
-        value = float(raw) if kind is float else int(raw.replace("_", ""))
-    except ValueError:
-        try:
-            as_float = float(raw)
-        except ValueError:
-            raise ConfigError(f"{key}: expected {kind.__name__}, got {raw!r}") from None
-        if kind is int and as_float.is_integer():
-            return int(as_float)
-        raise ConfigError(f"{key}: expected {kind.__name__}, got {raw!r}") from None
-    return value
-
-
-def _parse_tuple(raw: str, args: tuple, key: str) -> tuple:
-    """Accepts `a,b`, `(a, b)`, `[1, 2]` or `("a", "b")`; `()` is the empty tuple."""
-    text = raw.strip()
-    if text[:1] in "([" and text[-1:] in ")]":
-        text = text[1:-1]
-    items = [x.strip().strip("'\"") for x in text.split(",") if x.strip()]
-    item_type = args[0] if args else str
-    return tuple(parse_value(x, item_type, key) for x in items)
-
-
 def to_dict(cfg: Any) -> dict:
     """JSON-friendly nested dict (dtypes and other objects become their string form)."""
     return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
@@ -272,23 +260,3 @@ def diff(a: dict, b: dict, prefix: str = "") -> list[str]:
         elif va != vb:
             out.append(f"{key}: {va!r} != {vb!r}")
     return out
-
-
-def from_dict(cls: type, d: dict) -> Any:
-    """The dataclass `cls` rebuilt from a `to_dict` result (lists back to tuples); keys the
-    dataclass does not declare are an error."""
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise ConfigError(f"{cls.__name__} has no field(s) {', '.join(unknown)}")
-    kwargs = {}
-    for name, value in d.items():
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
-            kwargs[name] = from_dict(hint, value)
-        elif isinstance(value, list):
-            kwargs[name] = tuple(value)
-        else:
-            kwargs[name] = value
-    return cls(**kwargs)

@@ -21,7 +21,6 @@ project's default), fla's with a sigmoid (`--set output_gate=sigmoid`).
 """
 
 import argparse
-import dataclasses
 import json
 import sys
 from collections.abc import Mapping, Sequence
@@ -34,6 +33,7 @@ from flax import nnx
 from gdn2_jax.layers import Attention, GatedDeltaRule2
 from gdn2_jax.model import CausalLM
 from gdn2_jax.model_config import ModelConfig
+from gdn2_jax.typed_config import ConfigError, apply_overrides
 
 StateDict = dict[str, np.ndarray]
 JAX_FORMAT = "gdn2_jax.CausalLM"
@@ -365,11 +365,20 @@ def save_jax(model: CausalLM, path: str | Path) -> None:
 
 def load_jax(path: str | Path, *, config: ModelConfig | None = None) -> CausalLM:
     """A `CausalLM` from a `save_jax` file (its stored config unless `config` is given)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), "np") as f:
-        meta = f.metadata() or {}
-        arrays = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(
+            f"{path}: a gdn2_jax model file is a .safetensors file (python -m gdn2_jax.convert "
+            f"--from-torch writes one), not {path.suffix or 'a file without suffix'!r}"
+        )
+    try:
+        with safe_open(str(path), "np") as f:
+            meta = f.metadata() or {}
+            arrays = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+    except SafetensorError as e:
+        raise ValueError(f"{path} is not a readable safetensors file: {e}") from None
     if meta.get("format") != JAX_FORMAT and config is None:
         raise ValueError(f"{path} is not a gdn2_jax model file (no {JAX_FORMAT} metadata)")
     config = config or ModelConfig.from_dict(json.loads(meta["config"]))
@@ -390,27 +399,18 @@ def load_jax(path: str | Path, *, config: ModelConfig | None = None) -> CausalLM
 # Command line
 
 
-def _parse_override(text: str, fields: dict) -> tuple[str, object]:
-    key, sep, raw = text.partition("=")
-    if not sep or key not in fields:
-        raise ValueError(f"--set expects FIELD=VALUE with a ModelConfig field, got {text!r}")
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        value = raw
-    if isinstance(value, list):
-        value = tuple(value)
-    return key, value
-
-
 def config_from_args(config: str, overrides: Sequence[str] = ()) -> ModelConfig:
-    """A preset name or a JSON file of ModelConfig fields, with FIELD=VALUE overrides."""
+    """A preset name or a JSON file of ModelConfig fields, with FIELD=VALUE overrides parsed
+    by the fields' types (`gdn2_jax.typed_config`, the parser train.py uses)."""
     if config.endswith(".json"):
-        cfg = ModelConfig.from_dict(json.loads(Path(config).read_text()))
+        try:
+            fields = json.loads(Path(config).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"--config {config}: {e}") from None
+        cfg = ModelConfig.from_dict(fields)
     else:
         cfg = ModelConfig.preset(config)
-    fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
-    return dataclasses.replace(cfg, **dict(_parse_override(o, fields) for o in overrides))
+    return apply_overrides(cfg, overrides)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -428,17 +428,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
     args = parser.parse_args(argv)
 
-    if args.from_torch:
-        if not args.config:
-            parser.error("--from-torch needs --config (a preset name or a .json file)")
-        cfg = config_from_args(args.config, args.set)
-        model = CausalLM(cfg, rngs=nnx.Rngs(0))
-        load_lm_state_dict(model, load_torch_file(args.from_torch))
-        save_jax(model, args.out)
-    else:
-        if args.config or args.set:
-            parser.error("--to-torch reads the config stored in the file; drop --config/--set")
-        save_torch_file(lm_state_dict(load_jax(args.to_torch)), args.out)
+    if args.from_torch and not args.config:
+        parser.error("--from-torch needs --config (a preset name or a .json file)")
+    if args.to_torch and (args.config or args.set):
+        parser.error("--to-torch reads the config stored in the file; drop --config/--set")
+    try:
+        if args.from_torch:
+            model = CausalLM(config_from_args(args.config, args.set), rngs=nnx.Rngs(0))
+            load_lm_state_dict(model, load_torch_file(args.from_torch))
+            save_jax(model, args.out)
+        else:
+            save_torch_file(lm_state_dict(load_jax(args.to_torch)), args.out)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"wrote {args.out}")
     return 0
 

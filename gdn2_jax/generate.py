@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gdn2_jax.model import CausalLM
+from gdn2_jax.typed_config import check_types, require, require_non_negative
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,12 +27,9 @@ class SamplingConfig:
     top_p: float = 1.0
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        check_types(self)
+        require_non_negative(self, "temperature", "top_k")
+        require(self, "top_p", 0.0 < self.top_p <= 1.0, "in (0, 1]")
 
 
 GREEDY = SamplingConfig(temperature=0.0)
@@ -93,13 +91,24 @@ def generate(
     rng=None,
     eos_id: int | None = None,
 ):
-    """prompt [B, T] int32 -> [B, T + max_new_tokens]; after `eos_id` a row repeats it."""
+    """prompt [B, T] int32 -> [B, T + max_new_tokens]; after `eos_id` a row repeats it.
+
+    Sampling (`temperature > 0`) needs `rng`, a `jax.random.key`: the same key gives the same
+    continuation, so a caller who wants new samples passes a new key each call (there is no
+    hidden default key, which would return one sample forever). Greedy decoding needs none.
+    """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     prompt = jnp.asarray(prompt, jnp.int32)
     if prompt.ndim != 2 or prompt.shape[1] < 1:
         raise ValueError(f"prompt must be [B, T] with T >= 1, got shape {prompt.shape}")
-    rng = jax.random.key(0) if rng is None else rng
+    if rng is None:
+        if sampling.temperature > 0:
+            raise ValueError(
+                f"generate: sampling with temperature={sampling.temperature} needs rng, a "
+                "jax.random.key (e.g. rng=jax.random.key(seed)); pass temperature=0 for greedy"
+            )
+        rng = jax.random.key(0)  # greedy decoding draws nothing; the key only fills the slot
     graphdef, state = nnx.split(model)
     return _generate(
         graphdef, state, prompt, rng,

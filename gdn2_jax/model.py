@@ -158,8 +158,10 @@ class CausalLM(nnx.Module):
     def __call__(self, tokens, *, segment_ids=None):
         """tokens [B, T] -> logits [B, T, vocab]; `segment_ids` [B, T] separates packed documents.
 
-        Tokens of different segment ids never interact (0 marks padding, which forms its own
-        segment); every mixer's state and attention restart where the id changes.
+        A document is a maximal run of equal ids (`gdn2_jax.layers.segments`): every mixer's
+        state, convolution and attention restart where the id changes, so tokens of different
+        documents never interact, even when a later document reuses an earlier one's id (0 marks
+        padding, which forms its own documents).
         """
         return head_logits(self.features(tokens, segment_ids=segment_ids), self.head())
 

@@ -4,7 +4,7 @@ Pure Python: run configs import it without building (or importing) the model.
 """
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 from gdn2_jax.options import (
     ATTENTION_IMPLEMENTATIONS,
@@ -16,6 +16,14 @@ from gdn2_jax.options import (
     RECURRENT_BACKENDS,
     REMAT_POLICIES,
 )
+from gdn2_jax.typed_config import (
+    ConfigError,
+    check_field_name,
+    check_types,
+    from_dict,
+    require,
+    require_positive,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,7 +32,7 @@ class ModelConfig:
 
     vocab_size: int = 32000
     hidden_size: int = 2304
-    block_pattern: tuple[str, ...] = ("gdn2",) * 18
+    block_pattern: tuple[Literal[MIXERS], ...] = ("gdn2",) * 18
     intermediate_size: int = 6208
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
@@ -35,12 +43,12 @@ class ModelConfig:
     gdn2_expand_v: float = 1.0
     conv_size: int = 4
     allow_neg_eigval: bool = False
-    output_gate: str = "silu"
-    gate_mode: str = "gdn2"
+    output_gate: Literal[OUTPUT_GATES] = "silu"
+    gate_mode: Literal[GATE_MODES] = "gdn2"
     # How the GDN-2 op computes (no effect on parameters): the chunk form's and the token-serial
     # form's implementations, and Pallas interpret mode (tests off a GPU).
-    gdn2_backend: str = "auto"
-    gdn2_recurrent_backend: str = "auto"
+    gdn2_backend: Literal[CHUNK_BACKENDS] = "auto"
+    gdn2_recurrent_backend: Literal[RECURRENT_BACKENDS] = "auto"
     gdn2_interpret: bool = False
     chunk_size: int = 64
     # attention mixers ("swa", "attn")
@@ -48,19 +56,23 @@ class ModelConfig:
     attn_num_kv_heads: int | None = None
     window_size: int = 2048
     rope_theta: float = 10000.0
-    attn_implementation: str = "auto"
+    attn_implementation: Literal[ATTENTION_IMPLEMENTATIONS] = "auto"
     # numerics and memory
-    max_seq_len: int = 4096
-    dtype: str = "float32"
-    param_dtype: str = "float32"
+    dtype: Literal[DTYPES] = "float32"
+    param_dtype: Literal[DTYPES] = "float32"
     remat: bool = False
     # With remat, what each block keeps for the backward instead of recomputing it: "full"
     # keeps only the block's input; "dots" the matmul outputs; "gdn2_op" what the GDN-2 op's
     # backward reads (its forward kernels then run once); "dots_and_gdn2_op" both.
-    remat_policy: str = "full"
+    remat_policy: Literal[REMAT_POLICIES] = "full"
     # The loss computes the head's logits for 1 / loss_chunks of each row's positions at a time
     # (1: all at once), so the [tokens, vocab] float32 logits are never held whole.
     loss_chunks: int = 1
+
+    # Fields older versions had; stored configs that carry them still load (they are dropped).
+    REMOVED_FIELDS: ClassVar[dict[str, str]] = {
+        "max_seq_len": "it limited nothing (RoPE and the GDN-2 state take any length); drop it",
+    }
 
     def __post_init__(self):
         _validate(self)
@@ -77,7 +89,9 @@ class ModelConfig:
     def preset(cls, name: str, **overrides: Any) -> "ModelConfig":
         """A named configuration (see `PRESETS`), with fields replaced by `overrides`."""
         if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+            raise ConfigError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+        for key in overrides:
+            check_field_name(cls, key, key)
         return dataclasses.replace(PRESETS[name], **overrides)
 
     def to_dict(self) -> dict:
@@ -85,53 +99,28 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        d = dict(d)
-        d["block_pattern"] = tuple(d["block_pattern"])
-        return cls(**d)
-
-
-def _check_choice(name: str, value, allowed):
-    if value not in allowed:
-        raise ValueError(f"ModelConfig.{name} must be one of {allowed}, got {value!r}")
-
-
-def _check_positive(cfg: ModelConfig, *names: str):
-    for name in names:
-        if getattr(cfg, name) <= 0:
-            raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(cfg, name)}")
+        """From `to_dict` output or a JSON object of fields (lists become tuples)."""
+        return from_dict(cls, d)
 
 
 def _validate(cfg: ModelConfig):
-    _check_positive(cfg, "vocab_size", "hidden_size", "intermediate_size", "norm_eps")
-    _check_positive(cfg, "gdn2_num_heads", "gdn2_head_dim", "conv_size", "max_seq_len")
-    _check_positive(cfg, "loss_chunks")
-    if not isinstance(cfg.block_pattern, tuple) or not cfg.block_pattern:
-        raise ValueError(
-            f"ModelConfig.block_pattern must be a non-empty tuple, got {cfg.block_pattern!r}"
-        )
-    for kind in cfg.block_pattern:
-        _check_choice("block_pattern", kind, MIXERS)
-    for name, allowed in (
-        ("output_gate", OUTPUT_GATES),
-        ("gate_mode", GATE_MODES),
-        ("gdn2_backend", CHUNK_BACKENDS),
-        ("gdn2_recurrent_backend", RECURRENT_BACKENDS),
-        ("attn_implementation", ATTENTION_IMPLEMENTATIONS),
-        ("dtype", DTYPES),
-        ("param_dtype", DTYPES),
-        ("remat_policy", REMAT_POLICIES),
-    ):
-        _check_choice(name, getattr(cfg, name), allowed)
+    check_types(cfg)
+    require_positive(cfg, "vocab_size", "hidden_size", "intermediate_size", "norm_eps")
+    require_positive(cfg, "gdn2_num_heads", "gdn2_head_dim", "gdn2_expand_v", "conv_size")
+    require_positive(cfg, "chunk_size", "loss_chunks")
+    require(cfg, "block_pattern", len(cfg.block_pattern) > 0, "a non-empty tuple")
+    if cfg.gdn2_num_v_heads is not None:
+        require_positive(cfg, "gdn2_num_v_heads")
     if any(kind != "gdn2" for kind in cfg.block_pattern):
-        _check_positive(cfg, "attn_num_heads", "window_size")
+        require_positive(cfg, "attn_num_heads", "window_size", "rope_theta")
         if cfg.hidden_size % cfg.attn_num_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"ModelConfig.attn_num_heads={cfg.attn_num_heads} must divide "
                 f"hidden_size={cfg.hidden_size}"
             )
         kv = cfg.attn_num_kv_heads
         if kv is not None and (kv < 1 or cfg.attn_num_heads % kv):
-            raise ValueError(f"ModelConfig.attn_num_kv_heads={kv} must divide attn_num_heads")
+            raise ConfigError(f"ModelConfig.attn_num_kv_heads={kv} must divide attn_num_heads")
 
 
 def _hybrid(num_layers: int, **kw) -> ModelConfig:
@@ -159,18 +148,18 @@ PRESETS: dict[str, ModelConfig] = {
     # CPU-sized models for tests and smoke runs.
     "tiny": ModelConfig(
         vocab_size=256, hidden_size=64, block_pattern=("gdn2",) * 2, intermediate_size=128,
-        gdn2_num_heads=2, gdn2_head_dim=32, attn_num_heads=2, window_size=16, max_seq_len=256,
+        gdn2_num_heads=2, gdn2_head_dim=32, attn_num_heads=2, window_size=16,
     ),
     "tiny-hybrid": _hybrid(
         2, vocab_size=256, hidden_size=64, intermediate_size=128, gdn2_num_heads=2,
-        gdn2_head_dim=32, attn_num_heads=2, window_size=16, max_seq_len=256,
+        gdn2_head_dim=32, attn_num_heads=2, window_size=16,
     ),
     "small": ModelConfig(
         vocab_size=32000, hidden_size=256, block_pattern=("gdn2",) * 4, intermediate_size=768,
-        gdn2_num_heads=4, gdn2_head_dim=64, attn_num_heads=4, max_seq_len=1024,
+        gdn2_num_heads=4, gdn2_head_dim=64, attn_num_heads=4,
     ),
     "small-hybrid": _hybrid(
         4, vocab_size=32000, hidden_size=256, intermediate_size=768, gdn2_num_heads=4,
-        gdn2_head_dim=64, attn_num_heads=4, window_size=256, max_seq_len=1024,
+        gdn2_head_dim=64, attn_num_heads=4, window_size=256,
     ),
 }  # fmt: skip

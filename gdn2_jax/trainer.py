@@ -22,7 +22,7 @@ from gdn2_jax import metrics as metrics_lib
 from gdn2_jax import sharding
 from gdn2_jax import workdir as workdir_lib
 from gdn2_jax.checkpoint import Checkpointer
-from gdn2_jax.config import CheckpointConfig, Config, to_dict
+from gdn2_jax.config import CheckpointConfig, Config, ConfigError, to_dict
 from gdn2_jax.model import CausalLM
 from gdn2_jax.optim import make_optimizer
 from gdn2_jax.train_step import TrainState, eval_step, train_step
@@ -253,14 +253,14 @@ def check_batch(cfg: Config, mesh: jax.sharding.Mesh) -> None:
     accum, rows = cfg.optimizer.grad_accum_steps, cfg.data.batch_size
     shards = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
     if accum < 1 or rows % accum or (rows // accum) % shards:
-        raise ValueError(
+        raise ConfigError(
             f"data.batch_size={rows} must split into optimizer.grad_accum_steps={accum} "
             f"micro-batches whose rows divide over the {shards} devices of the mesh's data and "
             "fsdp axes"
         )
     context = sharding.context_size(mesh)
     if cfg.data.seq_len % context:
-        raise ValueError(
+        raise ConfigError(
             f"data.seq_len={cfg.data.seq_len} must divide by mesh.context={context}, the "
             "devices each sequence is split over"
         )

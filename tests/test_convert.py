@@ -208,6 +208,58 @@ def test_cli_round_trip(tmp_path, capsys):
         convert.main(["--from-torch", str(tmp_path / "lit.pth"), "--out", str(out)])  # no config
 
 
+@pytest.fixture
+def lit_file(tmp_path):
+    path = tmp_path / "lit.pth"
+    convert.save_torch_file(convert.lm_state_dict(CausalLM(TINY_CFG, rngs=nnx.Rngs(0))), path)
+    return path
+
+
+TINY_CFG = ModelConfig.preset("tiny")
+
+
+def test_cli_set_parses_by_field_type(lit_file, tmp_path):
+    """`--set allow_neg_eigval=False` is the bool False (a JSON-or-string parse stored the
+    truthy string 'False', doubling b), and tuples take train.py's `a,b` syntax."""
+    out = tmp_path / "model.safetensors"
+    argv = ["--from-torch", str(lit_file), "--config", "tiny", "--out", str(out)]
+    assert convert.main([*argv, "--set", "allow_neg_eigval=False"]) == 0
+    assert convert.load_jax(out).config == TINY_CFG
+    assert convert.main([*argv, "--set", "allow_neg_eigval=true"]) == 0
+    assert convert.load_jax(out).config.allow_neg_eigval is True
+    cfg = convert.config_from_args("tiny", ["block_pattern=gdn2,gdn2"])
+    assert cfg.block_pattern == ("gdn2", "gdn2")
+
+
+@pytest.mark.parametrize(
+    ("override", "names"),
+    [
+        ("hidden_size=abc", "hidden_size=abc: expected an int, got 'abc'"),
+        ("hidden_size=64.5", "hidden_size=64.5: expected an int"),
+        ("allow_neg_eigval=1", "allow_neg_eigval=1: expected true or false"),
+        ("output_gate=relu", "output_gate=relu: 'relu' is not one of"),
+        ("hidden=64", "unknown config key 'hidden'"),
+    ],
+)
+def test_cli_config_errors_exit_2_with_one_error_line(override, names, lit_file, tmp_path, capsys):
+    out = tmp_path / "model.safetensors"
+    argv = ["--from-torch", str(lit_file), "--config", "tiny", "--out", str(out)]
+    assert convert.main([*argv, "--set", override]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and names in lines[0], lines
+    assert not out.exists()
+
+
+def test_cli_to_torch_of_a_torch_file_says_what_it_expects(lit_file, tmp_path, capsys):
+    """Not safetensors' "header too large": the argument, and what it must be."""
+    assert convert.main(["--to-torch", str(lit_file), "--out", str(tmp_path / "x.pth")]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {lit_file}: a gdn2_jax model file is a .safetensors file" in err
+    renamed = lit_file.rename(tmp_path / "lit.safetensors")
+    assert convert.main(["--to-torch", str(renamed), "--out", str(tmp_path / "x.pth")]) == 2
+    assert f"error: {renamed} is not a readable safetensors file" in capsys.readouterr().err
+
+
 def test_cli_runs_as_a_module(tmp_path):
     cfg = ModelConfig.preset("tiny")
     convert.save_jax(CausalLM(cfg, rngs=nnx.Rngs(0)), tmp_path / "m.safetensors")

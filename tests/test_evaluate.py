@@ -60,6 +60,10 @@ def test_refusals_name_the_argument(workdir, tmp_path, capsys):
     assert "--step 3" in capsys.readouterr().err
     assert evaluate.main(["--checkpoint", str(workdir), "--lengths", "4"]) == 2
     assert "length 4 is too short" in capsys.readouterr().err
+    argv = ["--checkpoint", str(workdir), "--lengths", "16", "--set", "model.gdn2_backend=fast"]
+    assert evaluate.main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: model.gdn2_backend=fast: 'fast' is")
     cfg = tiny_config(tmp_path)
     tokens = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, kind="tokens"))
     with pytest.raises(ValueError, match="--checkpoint: the model was trained on token files"):

@@ -165,3 +165,11 @@ def test_bad_generate_arguments():
         generate(model, jnp.zeros((1, 3), jnp.int32), max_new_tokens=0)
     with pytest.raises(ValueError, match="prompt"):
         generate(model, jnp.zeros((3,), jnp.int32), max_new_tokens=2)
+
+
+def test_sampling_without_rng_is_an_error_not_one_fixed_sample():
+    """A default key would return the same "random" continuation on every call."""
+    model = CausalLM(ModelConfig.preset("tiny"), rngs=nnx.Rngs(0))
+    sampling = SamplingConfig(temperature=0.8)
+    with pytest.raises(ValueError, match=r"temperature=0.8 needs rng, a jax.random.key"):
+        generate(model, jnp.zeros((1, 3), jnp.int32), max_new_tokens=2, sampling=sampling)

@@ -268,4 +268,4 @@ def test_command_line_trains_logs_and_evaluates(tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["4", "8"]
     assert "step 4: eval loss=" in ok.stdout and "tok/s=" in ok.stderr  # the progress bar
     bad = run_python(["train.py", "--config", str(DEFAULT_CONFIG), "--set", "optimizer.lr=x"])
-    assert bad.returncode == 2 and "optimizer.lr: expected float" in bad.stderr
+    assert bad.returncode == 2 and "optimizer.lr=x: expected a float" in bad.stderr

@@ -39,7 +39,6 @@ compilation_cache.reset_cache()
 TINY = (
     # Pinned so that tuning the default config does not move the golden numbers.
     "model.gdn2_backend=xla",
-    "model.max_seq_len=128",
     "optimizer.lr=3e-3",
     "model.vocab_size=32",
     "model.hidden_size=32",

@@ -9,6 +9,7 @@ from flax import nnx
 from gdn2_jax.layers import context
 from gdn2_jax.layers.init import dense, torch_linear_init
 from gdn2_jax.layers.rope import apply_rope
+from gdn2_jax.layers.segments import document_ids
 from gdn2_jax.ops import sharded
 from gdn2_jax.options import ATTENTION_IMPLEMENTATIONS
 
@@ -93,11 +94,16 @@ class Attention(nnx.Module):
         return self.o_proj(o.reshape(B, T, -1)), k, v
 
     def __call__(self, x, *, segment_ids=None):
-        """x [B, T, hidden] -> [B, T, hidden]; `segment_ids` [B, T] keeps attention in-document.
+        """x [B, T, hidden] -> [B, T, hidden]; `segment_ids` [B, T] keeps attention in-document
+        (a document is a maximal run of equal ids: `gdn2_jax.layers.segments`).
 
         When the active mesh splits tokens over "context", each device attends from its span
         (`gdn2_jax.layers.context`): a halo of W−1 keys for a window, all keys gathered without.
         """
+        if segment_ids is not None:
+            # Run numbers, not raw ids: a reused id is a new document, as for the GDN-2 state
+            # and the convolutions (computed on the global ids, before any context split).
+            segment_ids = document_ids(segment_ids)
         axis = sharded.context_axis(x.shape[1])
         if axis is None:
             return self._full(x, segment_ids)[0]

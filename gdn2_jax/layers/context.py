@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec
 
+from gdn2_jax.layers import segments
 from gdn2_jax.layers.conv import ShortConvolution
 from gdn2_jax.ops.context import spec_axes
 
@@ -79,11 +80,8 @@ def short_conv(conv: ShortConvolution, x, *, axis_name="context", segment_ids=No
 def segment_starts(segment_ids, axis_name="context"):
     """[B, T_local] bool: the token opens a document (its id differs from the previous global
     token's, or it is global token 0) — where the GDN-2 layer resets its state."""
-    previous = jnp.concatenate(
-        [previous_tokens(segment_ids, 1, axis_name), segment_ids[:, :-1]], axis=1
-    )
-    first = span_positions(segment_ids.shape[1], axis_name) == 0
-    return (segment_ids != previous) | first
+    starts = segments.segment_starts(segment_ids, previous_tokens(segment_ids, 1, axis_name))
+    return starts | (span_positions(segment_ids.shape[1], axis_name) == 0)
 
 
 def position_mask(q_positions, k_positions, window_size, q_segment_ids=None, k_segment_ids=None):

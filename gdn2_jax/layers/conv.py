@@ -5,6 +5,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gdn2_jax.layers.init import conv_bound, partitioned, uniform
+from gdn2_jax.layers.segments import document_ids
 
 
 class ShortConvolution(nnx.Module):
@@ -65,16 +66,19 @@ class ShortConvolution(nnx.Module):
 
 
 def _same_segment(segment_ids, *, lag: int, history=None):
-    """[B, T] bool: token t−lag exists and belongs to token t's document.
+    """[B, T] bool: token t−lag exists and belongs to token t's document (no document starts
+    after it up to t: `gdn2_jax.layers.segments`, so a reused id is another document).
 
-    `history` [B, W−1]: the documents of the W−1 tokens before t = 0, which then exist.
+    `history` [B, W−1]: the segment ids of the W−1 tokens before t = 0, which then exist.
     """
     if history is not None:
         ids = jnp.concatenate([history.astype(segment_ids.dtype), segment_ids], axis=1)
+        docs = document_ids(ids)
         offset = history.shape[1] - lag
-        return ids[:, offset : offset + segment_ids.shape[1]] == segment_ids
+        return docs[:, offset : offset + segment_ids.shape[1]] == docs[:, history.shape[1] :]
     if lag == 0:
         return jnp.ones(segment_ids.shape, bool)
     T = segment_ids.shape[1]
-    shifted = jnp.pad(segment_ids, ((0, 0), (lag, 0)))[:, :T]
-    return (shifted == segment_ids) & (jnp.arange(T) >= lag)
+    docs = document_ids(segment_ids)
+    shifted = jnp.pad(docs, ((0, 0), (lag, 0)))[:, :T]
+    return (shifted == docs) & (jnp.arange(T) >= lag)

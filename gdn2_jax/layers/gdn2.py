@@ -15,6 +15,7 @@ from gdn2_jax.layers import context
 from gdn2_jax.layers.conv import ShortConvolution
 from gdn2_jax.layers.init import GDN2_LINEAR_INIT, dense, partitioned
 from gdn2_jax.layers.norm import GatedRMSNorm
+from gdn2_jax.layers.segments import segment_starts
 from gdn2_jax.ops import sharded
 from gdn2_jax.options import (
     CHUNK_BACKENDS,
@@ -77,12 +78,6 @@ def _check_config(hidden_size, num_heads, head_dim, expand_v, num_v_heads, **cho
         if value not in allowed[name]:
             raise ValueError(f"{name} must be one of {allowed[name]}, got {value!r}")
     return head_v_dim
-
-
-def _segment_starts(segment_ids):
-    """[B, T] bool: the token opens a document (differs from its left neighbour, or t = 0)."""
-    previous = jnp.pad(segment_ids[:, :-1], ((0, 0), (1, 0)))
-    return (segment_ids != previous) | (jnp.arange(segment_ids.shape[1]) == 0)
 
 
 class GatedDeltaRule2(nnx.Module):
@@ -286,7 +281,7 @@ class GatedDeltaRule2(nnx.Module):
                 batch_axes=sharded.mesh_axes(sharded.BATCH_AXES, segment_ids.shape[0]) or (),
             )
         else:
-            starts = _segment_starts(segment_ids)
+            starts = segment_starts(segment_ids)
         return jnp.where(starts[..., None, None], RESET_LOG_DECAY, g)
 
     def init_cache(self, batch_size: int, dtype=None) -> GDN2Cache:
