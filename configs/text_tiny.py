@@ -57,7 +57,6 @@ def get_config() -> Config:
         intermediate_size=384,
         gdn2_num_heads=2,
         gdn2_head_dim=64,
-        max_seq_len=128,
         # On a CPU the token-serial reference trains this size faster than the chunkwise XLA
         # path (configs/recall_tiny.py measured it); same math.
         gdn2_backend="scan",

@@ -256,4 +256,8 @@ class Checkpointer:
 
     def close(self) -> None:
         self.wait()
+        # orbax 0.12.4 starts clearing unfinished temporary steps in a thread at construction
+        # and joins it only in save(): a run that stops before its first save would leave that
+        # thread to the interpreter's shutdown, which prints its traceback.
+        self.manager._maybe_await_cleanup_tmp_directory()
         self.manager.close()

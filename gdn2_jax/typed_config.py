@@ -57,13 +57,17 @@ def require(cfg: Any, name: str, ok: bool, requirement: str) -> None:
 
 
 def require_positive(cfg: Any, *names: str) -> None:
+    """Optional fields left at None (unset) pass; a set value must be > 0."""
     for name in names:
-        require(cfg, name, getattr(cfg, name) > 0, "> 0")
+        value = getattr(cfg, name)
+        require(cfg, name, value is None or value > 0, "> 0")
 
 
 def require_non_negative(cfg: Any, *names: str) -> None:
+    """Optional fields left at None (unset) pass; a set value must be >= 0."""
     for name in names:
-        require(cfg, name, getattr(cfg, name) >= 0, ">= 0")
+        value = getattr(cfg, name)
+        require(cfg, name, value is None or value >= 0, ">= 0")
 
 
 def _is_number(value: Any, kind: type) -> bool:
