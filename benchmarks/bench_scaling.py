@@ -247,11 +247,20 @@ def launch(argv: list[str], num_processes: int, platform: str) -> list[Row]:
         return [Row(**r) for r in json.loads(out.read_text())]
 
 
+def join_job(argv: list[str]) -> None:
+    """In a launched process, joins the job before anything touches a JAX backend."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--worker")
+    p.add_argument("--process-id", type=int, default=0)
+    known, _ = p.parse_known_args(argv)
+    if known.worker:
+        coordinator, num = known.worker.rsplit(",", 1)
+        jax.distributed.initialize(coordinator, int(num), known.process_id)
+
+
 def worker_main(args) -> None:
-    """A launched process: join the job, run the cases of its device count, process 0 writes."""
-    coordinator, num = args.worker.rsplit(",", 1)
-    jax.distributed.initialize(coordinator, int(num), args.process_id)
-    cases = [c for c in plan(args) if c.devices == int(num)]
+    """A launched process: run the cases of its device count; process 0 writes the rows."""
+    cases = [c for c in plan(args) if c.devices == jax.process_count()]
     rows = [run_case(c, args, jax.devices()) for c in cases]
     if jax.process_index() == 0:
         pathlib.Path(args.rows_out).write_text(json.dumps([dataclasses.asdict(r) for r in rows]))
@@ -320,7 +329,9 @@ def _check_args(parser, args) -> None:
     visible = jax.device_count()
     if args.devices is None:
         args.devices = [n for n in (1, 2, 4, 8) if n <= visible]
-    if max(args.devices) > visible or min(args.devices) < 1:
+    # One process per device on a CPU gives each process its own virtual device.
+    limit = None if args.processes == "device" and jax.default_backend() == "cpu" else visible
+    if min(args.devices) < 1 or (limit is not None and max(args.devices) > limit):
         parser.error(f"--devices {args.devices}: {visible} devices are visible (on a CPU set "
                      "XLA_FLAGS=--xla_force_host_platform_device_count=8)")  # fmt: skip
     if "fsdp_tensor" in args.layouts and args.tensor < 2:
@@ -329,6 +340,7 @@ def _check_args(parser, args) -> None:
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
+    join_job(argv)
     args = parse_args(argv)
     if args.worker:
         return worker_main(args)
