@@ -67,6 +67,7 @@ class CompiledStep:
 
 def compile_step(cfg: Config, mesh) -> CompiledStep:
     """Builds, initialises and compiles the train step of `cfg` on `mesh`."""
+    trainer.check_batch(cfg, mesh)
     start = time.perf_counter()
     with jax.set_mesh(mesh):
         run = trainer.build(cfg, mesh)

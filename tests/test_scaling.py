@@ -89,7 +89,10 @@ def test_plan_scales_rows_for_batch_layouts_and_keeps_the_context_sequence():
 
 def test_efficiency_is_per_device_throughput_over_the_matching_single_run():
     def row(layout, devices, shape, scaling, tps):
-        return bench_scaling.Row("p", layout, devices, 1, shape, scaling, "ok", tps)
+        return bench_scaling.Row(
+            preset="p", layout=layout, devices=devices, processes=1, shape=shape, mesh="-",
+            scaling=scaling, status="ok", tokens_per_s_per_device=tps,
+        )  # fmt: skip
 
     rows = [
         row("single", 1, "2x64", "weak", 100.0),
