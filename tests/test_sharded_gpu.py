@@ -36,15 +36,20 @@ MESHES = {
     "heads": MeshConfig(data=1, tensor=2),
     "context": MeshConfig(data=1, context=2),
 }
-# Rows and heads never mix in the recurrence: the shards run the same kernels on the same rows
-# and heads as one GPU, with a smaller launch grid, so only float32 rounding inside a kernel's
-# blocks could differ (it does not: same blocks, same order); 1e-5 leaves room for nothing else.
+# Rows and heads never mix in the recurrence: each shard runs the same kernels on its own rows
+# or heads with a smaller launch grid, the same blocks in the same order, so the results should
+# be the one-GPU results; 1e-5 leaves room for float32 rounding and nothing else.
 SPLIT_TOL = 1e-5
-# Tokens split: each GPU runs the kernels on a span (TF32 products, about 3e-4 relative each,
-# paper D.4) and the span states compose in float32; over 2 x 160 tokens 2e-3 bounds the
-# rounding, an order of magnitude below a wrong hand-over (a span started from a zero state
-# moves the output by > 1e-1).
+# Tokens split: each GPU runs the kernels on its span (TF32 products, about 3e-4 relative each,
+# paper D.4) and the span states compose in float32, so rounding differs from one GPU's run;
+# 2e-3 is the bound tests/test_layers_gpu.py holds TF32 kernels to over a few hundred tokens.
+# (Not yet measured on 2 GPUs: no multi-GPU machine was lent when this was written.)
 CONTEXT_TOL = 2e-3
+# The train step on 2 GPUs: float32 matmuls multiply in TF32 there (XLA's default precision),
+# and split matmuls and gradient sums add in another order, so rounding of about TF32's 3e-4
+# per product remains in loss and gradients; Adam's first update is ~sign(gradient), so the
+# parameters differ only where a near-zero gradient leaf flips. Not yet measured on 2 GPUs.
+TRAIN_TOL = 1e-3
 # B = 2 rows, T = 320 tokens (5 chunks, 160 per span at context = 2), H = 4, K = V = 64.
 SHAPE = (2, 320, 4, 64)
 
@@ -93,17 +98,16 @@ def test_sharded_op_equals_one_gpu(split):
 @two_gpus
 @pytest.mark.parametrize("layout", ["fsdp", "fsdp_tensor", "context"])
 def test_train_step_on_two_gpus_equals_one_gpu(layout):
-    """One train step of the tiny GDN-2 + sliding-window model (Pallas kernels, float32) on 2
-    GPUs against 1: loss, every gradient and every parameter after the step."""
+    """Two train steps of the tiny GDN-2 + sliding-window model (Pallas kernels, float32) on 2
+    GPUs against 1: losses, every gradient and every parameter after the steps."""
     pytest.importorskip("grain", reason="the train step's data pipeline needs grain")
     from test_scaling import step_errors
 
     errors = step_errors(layout, 2, "model.gdn2_backend=pallas", "model.chunk_size=64")
-    assert errors["params_moved"] > 1e-2, errors
-    # Float32 matmuls on an H200 multiply in TF32 (XLA's default precision): a split matmul
-    # sums its partial products in another order, so per-element rounding of ~1e-3 remains.
+    # The two steps move the parameters by 7.5e-3 (relative; measured on a CPU).
+    assert errors["params_moved"] > 5 * TRAIN_TOL, errors
     for name in ("loss", "grads", "params"):
-        assert errors[name] < 5e-3, (name, errors)
+        assert errors[name] < TRAIN_TOL, (name, errors)
 
 
 def _trace(fn, *args):
