@@ -47,6 +47,7 @@ from bench_train import GIB, make_config, parse_shape
 from collectives import communication_ms_per_step
 from step_timing import compile_step, peak_bytes, time_steps
 
+from gdn2_jax import sharding
 from gdn2_jax.config import MeshConfig
 
 LAYOUTS = ("data", "fsdp", "fsdp_tensor", "context")
@@ -136,8 +137,6 @@ def _is_out_of_memory(error: Exception) -> bool:
 
 def run_case(case: Case, args, devices) -> Row:
     """Compiles and times one case on `devices` (all processes' devices of the mesh)."""
-    from gdn2_jax import sharding
-
     cfg = case_config(case, args)
     axes = {k: v for k, v in dataclasses.asdict(cfg.mesh).items() if v > 1}
     row = Row(case.preset, case.layout, case.devices, jax.process_count(),
