@@ -188,23 +188,23 @@ def _fmt(x, spec, missing="-"):
     return f"{x:{spec}}" if x is not None else f"{missing:>{spec.split('.')[0]}}"
 
 
-def print_table(rows: list[Row], device_kind: str, platform: str) -> None:
+def print_header(device_kind: str, platform: str) -> None:
     print(f"{device_kind}, {platform}")
     print(f"{'preset':12s} {'layout':12s} {'mesh':16s} {'dev':>3s} {'proc':>4s} {'shape':>9s} "
           f"{'scaling':7s} {'K tok/s/dev':>11s} {'step ms':>9s} {'eff':>6s} {'peak GiB':>8s} "
-          f"{'comm ms':>8s} {'setup s':>7s} status")  # fmt: skip
+          f"{'comm ms':>8s} {'setup s':>7s} status", flush=True)  # fmt: skip
+
+
+def print_row(r: Row, platform: str) -> None:
+    tps = r.tokens_per_s_per_device / 1e3 if r.tokens_per_s_per_device else None
     comm_missing = "n/a" if platform == "cpu" else "-"
-    for r in rows:
-        tps = r.tokens_per_s_per_device / 1e3 if r.tokens_per_s_per_device else None
-        print(
-            f"{r.preset:12s} {r.layout:12s} {r.mesh:16s} {r.devices:3d} {r.processes:4d} "
-            f"{r.shape:>9s} {r.scaling:7s} {_fmt(tps, '11.2f')} {_fmt(r.step_ms, '9.2f')} "
-            f"{_fmt(r.efficiency, '6.1%')} {_fmt(r.peak_gib, '8.2f')} "
-            f"{_fmt(r.comm_ms, '8.2f', comm_missing)} {_fmt(r.setup_s, '7.1f')} {r.status}",
-            flush=True,
-        )
-    if platform == "cpu":
-        print("CPU: timings mean nothing, and the trace has no device ops to give comm time.")
+    print(
+        f"{r.preset:12s} {r.layout:12s} {r.mesh:16s} {r.devices:3d} {r.processes:4d} "
+        f"{r.shape:>9s} {r.scaling:7s} {_fmt(tps, '11.2f')} {_fmt(r.step_ms, '9.2f')} "
+        f"{_fmt(r.efficiency, '6.1%')} {_fmt(r.peak_gib, '8.2f')} "
+        f"{_fmt(r.comm_ms, '8.2f', comm_missing)} {_fmt(r.setup_s, '7.1f')} {r.status}",
+        flush=True,
+    )
 
 
 def _free_port() -> int:
@@ -346,16 +346,32 @@ def main(argv=None):
     args = parse_args(argv)
     if args.worker:
         return worker_main(args)
+    platform = jax.default_backend()
+    print_header(jax.devices()[0].device_kind, platform)
+    rows = []
+    # Each row is printed, and the JSON rewritten, as soon as it is measured: a run stopped
+    # part-way keeps what it measured (the baselines come first, so efficiencies are known).
+    for group in _measure(args, argv):
+        rows = with_efficiency(rows + group)
+        for r in rows[len(rows) - len(group) :]:
+            print_row(r, platform)
+        if args.json:
+            pathlib.Path(args.json).write_text(
+                json.dumps([dataclasses.asdict(r) for r in rows], indent=1)
+            )
+    if platform == "cpu":
+        print("CPU: timings mean nothing, and the trace has no device ops to give comm time.")
+
+
+def _measure(args, argv):
+    """Yields the rows as they are measured: one case at a time in this process, or one device
+    count at a time through the launcher."""
     if args.processes == "host":
-        rows = [run_case(c, args, jax.devices()[: c.devices]) for c in plan(args)]
+        for case in plan(args):
+            yield [run_case(case, args, jax.devices()[: case.devices])]
     else:
-        counts = sorted(set(args.devices) | {1})
-        rows = [r for n in counts for r in launch(argv, n, jax.default_backend())]
-    rows = with_efficiency(rows)
-    print_table(rows, jax.devices()[0].device_kind, jax.default_backend())
-    if args.json:
-        pathlib.Path(args.json).write_text(json.dumps([dataclasses.asdict(r) for r in rows],
-                                                      indent=1))  # fmt: skip
+        for n in sorted(set(args.devices) | {1}):
+            yield launch(argv, n, jax.default_backend())
 
 
 if __name__ == "__main__":
