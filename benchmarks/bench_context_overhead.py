@@ -15,8 +15,8 @@ import argparse
 import statistics
 
 import jax
-import numpy as np
 from bench_ops import median_ms
+from step_timing import random_batch
 
 from gdn2_jax import sharding, trainer
 from gdn2_jax.config import Config, DataConfig, MeshConfig, TrainConfig
@@ -41,17 +41,6 @@ def make_config(args) -> Config:
     model = ModelConfig.preset(args.preset, dtype=args.dtype)
     data = DataConfig(kind="recall", seq_len=args.seq_len, batch_size=args.batch)
     return Config(model=model, data=data, train=TrainConfig(steps=1000))
-
-
-def random_batch(cfg: Config) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(0)
-    shape = (cfg.data.batch_size, cfg.data.seq_len)
-    tokens = rng.integers(0, cfg.model.vocab_size, size=(shape[0], shape[1] + 1))
-    return {
-        "inputs": tokens[:, :-1].astype(np.int32),
-        "targets": tokens[:, 1:].astype(np.int32),
-        "loss_mask": np.ones(shape, np.float32),
-    }
 
 
 def step_timer(cfg: Config, mesh):

@@ -21,16 +21,14 @@ import argparse
 import dataclasses
 import json
 import os
-import statistics
-import time
 
 # JAX and torch share the GPU in one process: JAX must not take 75% of it up front.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax
-from bench_context_overhead import random_batch
+from step_timing import time_train_step
 
-from gdn2_jax import metrics, sharding, trainer
+from gdn2_jax import metrics, sharding
 from gdn2_jax.config import Config, DataConfig, MeshConfig, TrainConfig, apply_overrides
 from gdn2_jax.model_config import ModelConfig
 
@@ -70,7 +68,7 @@ def parse_args(argv=None):
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args(argv)
     for shape in args.shapes:
-        _parse_shape(shape)
+        parse_shape(shape)
     if args.warmup < 1 or args.steps < 1:
         parser.error("--warmup and --steps must be >= 1")
     if not on_gpu and not args.no_peer:
@@ -79,7 +77,7 @@ def parse_args(argv=None):
     return args
 
 
-def _parse_shape(shape: str) -> tuple[int, int]:
+def parse_shape(shape: str) -> tuple[int, int]:
     try:
         batch, seq_len = (int(x) for x in shape.split("x"))
     except ValueError:
@@ -100,37 +98,9 @@ def make_config(preset: str, batch: int, seq_len: int, dtype: str, variant: str)
 
 
 def time_ours(cfg: Config, warmup: int, steps: int) -> dict:
-    """Compiles the train step once, then times it with the state carried along."""
+    """Compiles the train step once on one device, then times it with the state carried along."""
     mesh = sharding.make_mesh(cfg.mesh, devices=jax.devices()[:1])
-    start = time.perf_counter()
-    with jax.set_mesh(mesh):
-        run = trainer.build(cfg, mesh)
-        state = run.init_fn(jax.random.key(0))
-        batch = sharding.host_local_to_global(random_batch(cfg), mesh)
-        compiled = run.step_fn.lower(state, batch).compile()
-        for _ in range(warmup):
-            state, out = compiled(state, batch)
-        jax.block_until_ready(out)
-        setup_s = time.perf_counter() - start
-        times = []
-        for _ in range(steps):
-            start = time.perf_counter()
-            state, out = compiled(state, batch)
-            jax.block_until_ready(out)
-            times.append(time.perf_counter() - start)
-    mem = compiled.memory_analysis()
-    peak = (
-        mem.argument_size_in_bytes
-        + mem.output_size_in_bytes
-        + mem.temp_size_in_bytes
-        - mem.alias_size_in_bytes
-    )
-    return {
-        "step_s": statistics.median(times),
-        "peak_bytes": peak,
-        "setup_s": setup_s,
-        "flops_per_token": run.flops_per_token,
-    }
+    return time_train_step(cfg, mesh, warmup, steps)
 
 
 def _row(preset, shape, impl, result, tokens, flops_per_token, peak_flops) -> Row:
@@ -157,7 +127,7 @@ def time_peers(args) -> dict[tuple[str, str], dict]:
     peers = {}
     for preset in args.presets:
         for shape in args.shapes:
-            batch, seq_len = _parse_shape(shape)
+            batch, seq_len = parse_shape(shape)
             model_cfg = make_config(preset, batch, seq_len, args.dtype, "").model
             if _wants_peer(args, model_cfg):
                 import torch_peer  # torch and fla load only when the peer runs
@@ -175,7 +145,7 @@ def bench(args) -> list[Row]:
     rows = []
     for preset in args.presets:
         for shape in args.shapes:
-            batch, seq_len = _parse_shape(shape)
+            batch, seq_len = parse_shape(shape)
             tokens = batch * seq_len
             group = []
             for variant in args.variants:

@@ -15,10 +15,13 @@ import numpy as np
 import pytest
 from train_testing import (
     DEFAULT_CONFIG,
+    GRADIENTS_IN_ADAM,
+    adam_first_moment,
     read_metrics,
     run_python,
     tiny_config,
     tiny_overrides,
+    tree_error,
 )
 
 from gdn2_jax import sharding, trainer
@@ -32,9 +35,6 @@ MESHES = {
 # The hybrid model's window (12) is longer than a span at context=4 (8 tokens): its halo comes
 # from two devices.
 MODELS = {"tiny": (), "tiny-hybrid": ("model.block_pattern=gdn2,swa", "model.window_size=12")}
-# With b1 = 0 and no clipping, Adam's first moment after a step is exactly that step's gradient,
-# so the train step itself reports every gradient leaf (no separate gradient program to compile).
-GRADIENTS_IN_ADAM = ("optimizer.b1=0.0", "optimizer.clip_norm=0")
 STEP_CASES = (
     "tiny/context2xdata2",
     "tiny/context4xtensor2/packed",
@@ -167,7 +167,7 @@ def _steps(model, mesh_name, packed):
         state = run.init_fn(jax.random.key(0))
         for batch in batches:
             state, m = run.step_fn(state, sharding.host_local_to_global(batch, mesh))
-            mu = _adam_first_moment(state.opt_state)
+            mu = adam_first_moment(state.opt_state)
             out["steps"].append((float(m["loss"]), float(m["grad_norm"]), jax.device_get(mu)))
     out["params"] = jax.device_get(state.params)
     specs = [s.spec for s in jax.tree.leaves(jax.tree.map(lambda x: x.sharding, state.params))]
@@ -175,20 +175,6 @@ def _steps(model, mesh_name, packed):
     if packed:
         out["counts"] = _document_counts(batches, sharding.context_size(mesh))
     return out
-
-
-def _adam_first_moment(opt_state):
-    import optax
-
-    states = jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
-    return next(s for s in states if isinstance(s, optax.ScaleByAdamState)).mu
-
-
-def _tree_error(got, want):
-    from gdn2_jax.crosscheck import rel_err
-
-    pairs = zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True)
-    return max(rel_err(a, b) for a, b in pairs)
 
 
 def _step_errors():
@@ -200,11 +186,11 @@ def _step_errors():
         if (model, bool(packed)) not in single:
             single[model, bool(packed)] = _steps(model, None, bool(packed))
         want, got = single[model, bool(packed)], _steps(model, mesh_name, bool(packed))
-        errors = {"params": _tree_error(got["params"], want["params"])}
+        errors = {"params": tree_error(got["params"], want["params"])}
         errors["loss"] = rel_err([s[0] for s in got["steps"]], [s[0] for s in want["steps"]])
         errors["grad_norm"] = rel_err([s[1] for s in got["steps"]], [s[1] for s in want["steps"]])
         for i in (1, 2):
-            errors[f"grads_{i}"] = _tree_error(got["steps"][i - 1][2], want["steps"][i - 1][2])
+            errors[f"grads_{i}"] = tree_error(got["steps"][i - 1][2], want["steps"][i - 1][2])
         crossing, starting = got.get("counts", (0, 0))
         results[case] = {
             "errors": errors,

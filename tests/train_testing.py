@@ -64,6 +64,27 @@ TINY = (
 )
 
 
+# With b1 = 0 and no clipping, Adam's first moment after a step is exactly that step's gradient,
+# so the train step itself reports every gradient leaf (no separate gradient program to compile).
+GRADIENTS_IN_ADAM = ("optimizer.b1=0.0", "optimizer.clip_norm=0")
+
+
+def adam_first_moment(opt_state):
+    """The first moment (mu) of the Adam state inside an optax optimizer state."""
+    import optax
+
+    states = jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
+    return next(s for s in states if isinstance(s, optax.ScaleByAdamState)).mu
+
+
+def tree_error(got, want) -> float:
+    """The largest per-leaf relative error (‖a − b‖ / ‖b‖) between two pytrees."""
+    from gdn2_jax.crosscheck import rel_err
+
+    pairs = zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True)
+    return max(rel_err(a, b) for a, b in pairs)
+
+
 def tiny_overrides(workdir: str | Path, *extra: str) -> list[str]:
     return [*TINY, f"train.workdir={workdir}", *extra]
 
