@@ -4,6 +4,7 @@ Parameter names and shapes mirror the PyTorch `GatedDeltaNet2` of fla and NVIDIA
 transposes of `nn.Linear` weights), so a checkpoint converts one-to-one.
 """
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -83,6 +84,12 @@ def _segment_starts(segment_ids):
     """[B, T] bool: the token opens a document (differs from its left neighbour, or t = 0)."""
     previous = jnp.pad(segment_ids[:, :-1], ((0, 0), (1, 0)))
     return (segment_ids != previous) | (jnp.arange(segment_ids.shape[1]) == 0)
+
+
+def _hold_state_after(lengths, g, b, w):
+    """g, b, w [B, T, HV, ·] with g = 0, b = w = 0 at t >= lengths[i]: there S_t = S_{t−1}."""
+    pad = (jnp.arange(g.shape[1])[None, :] >= lengths[:, None])[..., None, None]
+    return jnp.where(pad, 0.0, g), jnp.where(pad, 0, b), jnp.where(pad, 0, w)
 
 
 class GatedDeltaRule2(nnx.Module):
@@ -262,11 +269,11 @@ class GatedDeltaRule2(nnx.Module):
             context_parallel=split,
         )  # fmt: skip
 
-    def _short_conv(self, conv, x, segment_ids, state, split):
+    def _short_conv(self, conv, x, *, segment_ids, state, split, lengths):
         """conv(x) -> (y, its new state); `split`: from the previous device's last tokens (no
         state is kept, none is needed: only prefill, which does not split, builds a cache)."""
         if not split:
-            return conv(x, segment_ids=segment_ids, state=state)
+            return conv(x, segment_ids=segment_ids, state=state, lengths=lengths)
         y = context.context_parallel_short_conv(
             conv, x,
             segment_ids=segment_ids,
@@ -305,21 +312,30 @@ class GatedDeltaRule2(nnx.Module):
         y, _ = self._sequence(x, segment_ids=segment_ids, cache=None)
         return y
 
-    def prefill(self, x, *, cache: GDN2Cache | None = None):
-        """The sequence from `cache` (or zeros): x [B, T, hidden] -> (y, cache after it)."""
-        return self._sequence(x, segment_ids=None, cache=cache or self.init_cache(x.shape[0]))
+    def prefill(self, x, *, cache: GDN2Cache | None = None, lengths=None):
+        """The sequence from `cache` (or zeros): x [B, T, hidden] -> (y, cache after it).
 
-    def _sequence(self, x, *, segment_ids, cache):
+        `lengths` [B] int32: row i's input is x[i, :lengths[i]] (right padding after it); the
+        cache is the one after that many tokens. Padding tokens run with g = 0 and b = w = 0,
+        which leaves the state exactly as it was, and the conv history is read at each length.
+        """
+        cache = cache or self.init_cache(x.shape[0])
+        return self._sequence(x, segment_ids=None, cache=cache, lengths=lengths)
+
+    def _sequence(self, x, *, segment_ids, cache, lengths=None):
         # Prefill (a cache) keeps whole sequences per device: decoding continues from its state.
         split = cache is None and sharded.context_axis(x.shape[1]) is not None
         caches = (None,) * 3 if cache is None else cache[:3]
-        q, cq = self._short_conv(self.q_conv1d, self.q_proj(x), segment_ids, caches[0], split)
-        k, ck = self._short_conv(self.k_conv1d, self.k_proj(x), segment_ids, caches[1], split)
-        v, cv = self._short_conv(self.v_conv1d, self.v_proj(x), segment_ids, caches[2], split)
+        conv = functools.partial(self._short_conv, segment_ids=segment_ids, split=split)
+        q, cq = conv(self.q_conv1d, self.q_proj(x), state=caches[0], lengths=lengths)
+        k, ck = conv(self.k_conv1d, self.k_proj(x), state=caches[1], lengths=lengths)
+        v, cv = conv(self.v_conv1d, self.v_proj(x), state=caches[2], lengths=lengths)
         q, k, v = self._qkv(q, k, v)
         g, b, w = self.gates(x)
         if segment_ids is not None:
             g = self._reset_at_document_starts(g, segment_ids, split)
+        if lengths is not None:
+            g, b, w = _hold_state_after(lengths, g, b, w)
         o, S = self._rule(
             q, k, v, g, b, w,
             initial_state=None if cache is None else cache.S,
