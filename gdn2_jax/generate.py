@@ -199,15 +199,17 @@ class Generator:
         if not isinstance(pad_id, int | np.integer):
             raise ValueError(f"pad_id must be an int, got {pad_id!r}")
         self.sampling, self.pad_id = sampling, int(pad_id)
-        graphdef, self._state = nnx.split(model)
-        self._generate, self._start, self._decode = _programs(graphdef)
+        graphdef, self.state = nnx.split(model)
+        # The jitted pieces over (state, ...): whole generation, prefill + first sample, decode
+        # steps; `benchmarks/bench_generate.py` times them apart.
+        self.generate_fn, self.prefill_fn, self.decode_fn = _programs(graphdef)
 
     def generate(self, prompt, *, max_new_tokens: int, rng=None, eos_id=None, prompt_lengths=None):
         """prompt [B, T] int32 -> [B, T + max_new_tokens] int32; see `generate`."""
         batch = _batch(prompt, max_new_tokens, prompt_lengths, eos_id, self.pad_id)
         rng = jax.random.key(0) if rng is None else rng
-        return self._generate(
-            self._state, batch.prompt, batch.lengths, batch.eos, batch.pad, rng,
+        return self.generate_fn(
+            self.state, batch.prompt, batch.lengths, batch.eos, batch.pad, rng,
             max_new_tokens=max_new_tokens, sampling=self.sampling,
         )  # fmt: skip
 
@@ -226,8 +228,8 @@ class Generator:
         batch = _batch(prompt, max_new_tokens, prompt_lengths, eos_id, self.pad_id)
         keys = jax.random.split(jax.random.key(0) if rng is None else rng, max_new_tokens)
         max_len = batch.prompt.shape[1] + max_new_tokens
-        carry = self._start(
-            self._state, batch.prompt, batch.lengths, batch.eos, keys[0],
+        carry = self.prefill_fn(
+            self.state, batch.prompt, batch.lengths, batch.eos, keys[0],
             max_len=max_len, sampling=self.sampling,
         )  # fmt: skip
         yield np.asarray(carry[0])[:, None]
@@ -235,8 +237,8 @@ class Generator:
             if bool(np.asarray(carry[2]).all()):
                 return
             block = keys[start : start + every]
-            carry, tokens = self._decode(
-                self._state, carry, block, batch.eos, batch.pad, sampling=self.sampling
+            carry, tokens = self.decode_fn(
+                self.state, carry, block, batch.eos, batch.pad, sampling=self.sampling
             )
             yield np.asarray(tokens)
 
