@@ -92,6 +92,7 @@ def _make_mixer(cfg: ModelConfig, kind: str, out_scale: float, rngs: nnx.Rngs):
             gate_mode=cfg.gate_mode,
             backend=cfg.gdn2_backend,
             recurrent_backend=cfg.gdn2_recurrent_backend,
+            decode=cfg.gdn2_decode,
             chunk_size=cfg.chunk_size,
             interpret=cfg.gdn2_interpret,
             dtype=dt,

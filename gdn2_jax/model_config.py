@@ -9,6 +9,7 @@ from typing import Any
 from gdn2_jax.options import (
     ATTENTION_IMPLEMENTATIONS,
     CHUNK_BACKENDS,
+    DECODE_MODES,
     DTYPES,
     GATE_MODES,
     MIXERS,
@@ -42,6 +43,7 @@ class ModelConfig:
     gdn2_backend: str = "auto"
     gdn2_recurrent_backend: str = "auto"
     gdn2_interpret: bool = False
+    gdn2_decode: str = "auto"  # the decoding step: "auto", "fused" (one kernel), "unfused"
     chunk_size: int = 64
     # attention mixers ("swa", "attn")
     attn_num_heads: int = 18
@@ -116,6 +118,7 @@ def _validate(cfg: ModelConfig):
         ("gate_mode", GATE_MODES),
         ("gdn2_backend", CHUNK_BACKENDS),
         ("gdn2_recurrent_backend", RECURRENT_BACKENDS),
+        ("gdn2_decode", DECODE_MODES),
         ("attn_implementation", ATTENTION_IMPLEMENTATIONS),
         ("dtype", DTYPES),
         ("param_dtype", DTYPES),

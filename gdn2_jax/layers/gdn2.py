@@ -16,9 +16,10 @@ from gdn2_jax.layers import context
 from gdn2_jax.layers.conv import ShortConvolution
 from gdn2_jax.layers.init import GDN2_LINEAR_INIT, dense, partitioned
 from gdn2_jax.layers.norm import GatedRMSNorm
-from gdn2_jax.ops import sharded
+from gdn2_jax.ops import core, sharded
 from gdn2_jax.options import (
     CHUNK_BACKENDS,
+    DECODE_MODES,
     GATE_MODES,
     LAYER_MODES,
     OUTPUT_GATES,
@@ -74,6 +75,7 @@ def _check_config(hidden_size, num_heads, head_dim, expand_v, num_v_heads, **cho
         raise ValueError(f"num_v_heads={num_v_heads} must be a multiple of num_heads={num_heads}")
     allowed = {"output_gate": OUTPUT_GATES, "mode": LAYER_MODES, "gate_mode": GATE_MODES}
     allowed |= {"backend": CHUNK_BACKENDS, "recurrent_backend": RECURRENT_BACKENDS}
+    allowed |= {"decode": DECODE_MODES}
     for name, value in choices.items():
         if value not in allowed[name]:
             raise ValueError(f"{name} must be one of {allowed[name]}, got {value!r}")
@@ -115,6 +117,9 @@ class GatedDeltaRule2(nnx.Module):
 
     `backend` names the chunk form's implementation and `recurrent_backend` the token-serial
     form's (see `gdn2_jax.ops.registry`; "auto" takes the first that supports the inputs);
+    `decode` the decoding `step`'s: "fused" (everything between the projection matmuls in one
+    Pallas kernel, `pallas_kernels.decode`), "unfused" (XLA ops around the token-serial op) or
+    "auto" (fused where it can run, else unfused; `fused_decode_unsupported` says why not);
     `interpret=True` runs Pallas kernels in interpret mode (tests off a GPU).
     """
 
@@ -134,6 +139,7 @@ class GatedDeltaRule2(nnx.Module):
         gate_mode: str = "gdn2",
         backend: str = "auto",
         recurrent_backend: str = "auto",
+        decode: str = "auto",
         chunk_size: int = 64,
         interpret: bool = False,
         dtype=None,
@@ -144,13 +150,14 @@ class GatedDeltaRule2(nnx.Module):
         self.head_v_dim = _check_config(
             hidden_size, num_heads, head_dim, expand_v, num_v_heads,
             output_gate=output_gate, mode=mode, gate_mode=gate_mode, backend=backend,
-            recurrent_backend=recurrent_backend,
+            recurrent_backend=recurrent_backend, decode=decode,
         )  # fmt: skip
         self.hidden_size, self.num_heads, self.head_dim = hidden_size, num_heads, head_dim
         self.num_v_heads = num_v_heads
         self.key_dim, self.value_dim = num_heads * head_dim, num_v_heads * self.head_v_dim
         self.allow_neg_eigval, self.mode, self.gate_mode = allow_neg_eigval, mode, gate_mode
-        self.backend, self.recurrent_backend = backend, recurrent_backend
+        self.backend, self.recurrent_backend, self.decode = backend, recurrent_backend, decode
+        self.output_gate = output_gate
         self.chunk_size, self.interpret, self.dtype = chunk_size, interpret, dtype
         self.deterministic = False
         self._build(conv_size, output_gate, norm_eps, param_dtype, rngs)
@@ -345,8 +352,40 @@ class GatedDeltaRule2(nnx.Module):
         new_cache = None if cache is None else GDN2Cache(cq, ck, cv, S)
         return self._output(o, x), new_cache
 
+    def fused_decode_unsupported(self, dtype) -> str | None:
+        """Why the fused decoding step cannot run this layer's step in `dtype` (None if it can)."""
+        if self.recurrent_backend == "scan":
+            return 'recurrent_backend="scan" asks for the jnp reference step'
+        if self.gate_mode != "gdn2":
+            return f'it computes channel-wise gates (gate_mode="gdn2"), not {self.gate_mode!r}'
+        if self.q_conv1d.kernel_size < 2:
+            return f"it needs a conv size >= 2, got {self.q_conv1d.kernel_size}"
+        if jax.default_backend() != "gpu" and not self.interpret:
+            platform = jax.default_backend()
+            return f"it is a Pallas kernel: it needs a GPU (this is {platform!r}) or interpret=True"
+        mesh = jax.sharding.get_abstract_mesh()
+        if not mesh.empty and mesh.size > 1:
+            return "it has no partitioning rule, and a mesh of more than one device is active"
+        try:
+            unsupported = core.pallas_kernel("pallas_kernels", "decode_unsupported")
+        except NotImplementedError as err:
+            return str(err)
+        return unsupported(self.head_dim, self.head_v_dim, (jnp.dtype(dtype),))
+
+    def _decode_path(self, dtype) -> str:
+        if self.decode == "unfused":
+            return "unfused"
+        reason = self.fused_decode_unsupported(dtype)
+        if reason is None:
+            return "fused"
+        if self.decode == "fused":
+            raise NotImplementedError(f'decode="fused" cannot run: {reason}')
+        return "unfused"
+
     def step(self, x_t, cache: GDN2Cache):
         """One decoding token: x_t [B, hidden] -> (y_t [B, hidden], updated cache)."""
+        if self._decode_path(self.dtype or x_t.dtype) == "fused":
+            return self._fused_step(x_t, cache)
         q, cq = self.q_conv1d.step(self.q_proj(x_t), cache.conv_q)
         k, ck = self.k_conv1d.step(self.k_proj(x_t), cache.conv_k)
         v, cv = self.v_conv1d.step(self.v_proj(x_t), cache.conv_v)
@@ -359,3 +398,27 @@ class GatedDeltaRule2(nnx.Module):
             interpret=self.interpret,
         )  # fmt: skip
         return self._output(o, x_t), GDN2Cache(cq, ck, cv, S)
+
+    def _fused_step(self, x_t, cache: GDN2Cache):
+        """`step` with everything between the projections in one kernel (same numbers)."""
+        kernel = core.pallas_kernel("pallas_kernels", "fused_decode_step")
+        shape_cls = core.pallas_kernel("pallas_kernels", "DecodeShape")
+        dtype = self.dtype or x_t.dtype
+        f = self.f_proj(x_t)
+        projections = (self.q_proj(x_t), self.k_proj(x_t), self.v_proj(x_t), f,
+                       self.b_proj(x_t), self.w_proj(x_t), self.g_proj(x_t))  # fmt: skip
+        shape = shape_cls(
+            H=self.num_heads, HV=self.num_v_heads, K=self.head_dim, V=self.head_v_dim,
+            W=self.q_conv1d.kernel_size, scale=self.head_dim**-0.5,
+            b_scale=2.0 if self.allow_neg_eigval else 1.0, norm_eps=self.o_norm.eps,
+            activation=self.output_gate,
+        )  # fmt: skip
+        convs = (self.q_conv1d, self.k_conv1d, self.v_conv1d)
+        o, (cq, ck, cv), S = kernel(
+            tuple(x.astype(dtype) for x in projections),
+            (cache.conv_q, cache.conv_k, cache.conv_v),
+            tuple(c.weight[...] for c in convs),
+            self.A_log[...], self.dt_bias[...], self.o_norm.weight[...], cache.S,
+            shape=shape, interpret=self.interpret,
+        )  # fmt: skip
+        return self.o_proj(o), GDN2Cache(cq, ck, cv, S)
