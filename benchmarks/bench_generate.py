@@ -15,10 +15,10 @@ Times are medians of `--repeats` after a compile and a warm-up call. A variant i
 comma-separated list of `ModelConfig` overrides ("" for the defaults).
 
 The per-layer table times one token of one GDN-2 layer of the preset's shapes at each batch:
-ours (`GatedDeltaRule2.step`, the whole layer, and `gated_delta_rule2_step`, the op) as a
-jitted loop of `--layer-steps` steps, and fla's `GatedDeltaNet2` layer (with its cache) and
-`fused_recurrent_gdn2` op, eager, between CUDA events. On a CPU it runs the tiny preset at
-batch 2 without fla, so CI can execute it.
+ours (`GatedDeltaRule2.step`, the whole layer, with decode="unfused" and "fused", and
+`gated_delta_rule2_step`, the op) as a jitted loop of `--layer-steps` steps, and fla's
+`GatedDeltaNet2` layer (with its cache) and `fused_recurrent_gdn2` op, eager, between CUDA
+events. On a CPU it runs the tiny preset at batch 2 without fla, so CI can execute it.
 """
 
 import argparse
@@ -161,12 +161,12 @@ def time_generate(cfg: ModelConfig, batch: int, args, preset: str, variant: str)
     )
 
 
-def _gdn2_layer(cfg: ModelConfig) -> GatedDeltaRule2:
+def _gdn2_layer(cfg: ModelConfig, decode: str) -> GatedDeltaRule2:
     dtype = jnp.dtype(cfg.dtype)
     return GatedDeltaRule2(
         cfg.hidden_size, cfg.gdn2_num_heads, cfg.gdn2_head_dim,
         expand_v=cfg.gdn2_expand_v, conv_size=cfg.conv_size, output_gate=cfg.output_gate,
-        norm_eps=cfg.norm_eps, recurrent_backend=cfg.gdn2_recurrent_backend,
+        norm_eps=cfg.norm_eps, recurrent_backend=cfg.gdn2_recurrent_backend, decode=decode,
         interpret=cfg.gdn2_interpret, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0),
     )  # fmt: skip
 
@@ -182,17 +182,30 @@ def _loop_us(step, carry, x, steps: int) -> float:
     return _median_s(lambda: loop(carry), 3) / steps * 1e6
 
 
-def time_our_layer(cfg: ModelConfig, batch: int, steps: int) -> list[LayerRow]:
-    layer = _gdn2_layer(cfg)
-    layer.eval()
-    graphdef, state = nnx.split(layer)
+def time_layer_steps(cfg: ModelConfig, batch: int, steps: int) -> list[LayerRow]:
+    """Our whole layer step, fused and unfused (where the fused one runs here)."""
     x = jax.random.normal(jax.random.key(0), (batch, cfg.hidden_size), jnp.dtype(cfg.dtype))
+    rows = []
+    for decode in ("unfused", "fused"):
+        layer = _gdn2_layer(cfg, decode)
+        reason = layer.fused_decode_unsupported(layer.dtype) if decode == "fused" else None
+        if reason is not None:
+            rows.append(LayerRow(batch, f"ours layer step {decode}", None, f"not run: {reason}"))
+            continue
+        graphdef, state = nnx.split(layer)
 
-    def layer_step(x, cache):
-        return nnx.merge(graphdef, state).step(x, cache)[1]
+        def layer_step(x, cache, graphdef=graphdef, state=state):
+            return nnx.merge(graphdef, state).step(x, cache)[1]
 
+        us = _loop_us(layer_step, layer.init_cache(batch), x, steps)
+        rows.append(LayerRow(batch, f"ours layer step {decode}", us))
+    return rows
+
+
+def time_op_step(cfg: ModelConfig, batch: int, steps: int) -> LayerRow:
+    """Our token-serial op alone (`gated_delta_rule2_step`)."""
     H, K = cfg.gdn2_num_heads, cfg.gdn2_head_dim
-    V = layer.head_v_dim
+    V = round(K * cfg.gdn2_expand_v)
     keys = jax.random.split(jax.random.key(1), 6)
     dt = jnp.dtype(cfg.dtype)
     q, k = (jax.random.normal(keys[i], (batch, H, K), dt) for i in range(2))
@@ -206,16 +219,16 @@ def time_our_layer(cfg: ModelConfig, batch: int, steps: int) -> list[LayerRow]:
                                       backend=cfg.gdn2_recurrent_backend)[1]  # fmt: skip
 
     S = jnp.zeros((batch, H, K, V), jnp.float32)
-    return [
-        LayerRow(batch, "ours layer step", _loop_us(layer_step, layer.init_cache(batch), x, steps)),
-        LayerRow(batch, "ours op step", _loop_us(op_step, S, q, steps)),
-    ]
+    return LayerRow(batch, "ours op step", _loop_us(op_step, S, q, steps))
 
 
 def time_layers(cfg: ModelConfig, args) -> list[LayerRow]:
     rows = []
     for batch in args.batches:
-        rows += time_our_layer(cfg, batch, args.layer_steps)
+        rows += [
+            *time_layer_steps(cfg, batch, args.layer_steps),
+            time_op_step(cfg, batch, args.layer_steps),
+        ]
         if not args.no_fla:
             import fla_decode_peer  # torch and fla load only when the peer runs
 

@@ -87,9 +87,15 @@ def _decode_kernel(
     o_ref[n, vs] = (o * rstd * norm_ref[:].astype(F32) * act).astype(o_ref.dtype)
 
 
+# One program holds a whole [K, V] float32 state: up to 128 x 128 (64 KiB over its 8 warps).
+MAX_STATE = 128 * 128
+
+
 def decode_unsupported(K, V, dtypes, chunk_size=None):
     """Why the fused step cannot run these inputs (None when it can)."""
     del chunk_size  # one token: no chunks
+    if K * V > MAX_STATE:
+        return f"it holds a whole [K, V] state per program: K·V <= {MAX_STATE}, got {K}·{V}"
     return dims_unsupported(K, V) or dtypes_unsupported(dtypes)
 
 

@@ -23,9 +23,13 @@ def test_bench_generate_runs_the_tiny_preset_on_cpu(tmp_path, capsys):
     for field in ("prefill_ms", "decode_ms_per_token", "generate_ms", "generate_fn_ms"):
         assert row[field] > 0
     assert row["tokens_per_s"] == pytest.approx(2 * 3 / (row["generate_ms"] / 1e3))
-    impls = [r["impl"] for r in result["layer_step"]]
-    assert impls == ["ours layer step", "ours op step"]
-    assert all(r["step_us"] > 0 for r in result["layer_step"])
+    layers = {r["impl"]: r for r in result["layer_step"]}
+    assert list(layers) == ["ours layer step unfused", "ours layer step fused", "ours op step"]
+    assert (
+        layers["ours layer step unfused"]["step_us"] > 0 and layers["ours op step"]["step_us"] > 0
+    )
+    assert layers["ours layer step fused"]["step_us"] is None, "no GPU, no interpret mode"
+    assert "needs a GPU" in layers["ours layer step fused"]["note"]
     assert "layer step (Triton kernels) is skipped" in capsys.readouterr().out
 
 
