@@ -1,5 +1,7 @@
 """Generation: prefill + cached decoding reproduces the full forward pass; the samplers."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -146,6 +148,20 @@ def test_stream_yields_generate_tokens_and_stops_per_row():
         first_stop = np.flatnonzero(free[i, lengths[i] :] == eos[i])[0]
         assert (new[i, : first_stop + 1] == free[i, lengths[i] : lengths[i] + first_stop + 1]).all()
         assert (new[i, first_stop + 1 :] == -1).all()
+
+
+def test_decode_loop_has_a_static_trip_count():
+    """The compiled generation's decode loop is a while loop XLA knows runs N − 1 times (on a GPU
+    its predicate then never goes to the host)."""
+    model = CausalLM(ModelConfig.preset("tiny"), rngs=nnx.Rngs(0))
+    gen = Generator(model)
+    B, N = 2, 7
+    lengths, eos, pad = jnp.full((B,), 5, jnp.int32), jnp.full((B,), -1, jnp.int32), jnp.int32(0)
+    args = (jnp.zeros((B, 5), jnp.int32), lengths, eos, pad, jax.random.key(0))
+    hlo = gen.generate_fn.lower(gen.state, *args, max_new_tokens=N, sampling=GREEDY)
+    text = hlo.compile().as_text()
+    loops = re.findall(r"while\(.*known_trip_count\":\{\"n\":\"(\d+)\"", text)
+    assert str(N - 1) in loops, loops
 
 
 LOGITS = jnp.log(jnp.array([[0.05, 0.4, 0.1, 0.3, 0.15]]))
