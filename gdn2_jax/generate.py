@@ -150,7 +150,7 @@ class _Batch:
     pad: jax.Array  # int32 scalar
 
 
-def _batch(prompt, max_new_tokens, prompt_lengths, eos_id, pad_id) -> _Batch:
+def _batch(prompt, max_new_tokens, prompt_lengths, eos_id, pad_id: int) -> _Batch:
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     prompt = jnp.asarray(prompt, jnp.int32)
@@ -176,8 +176,6 @@ def _batch(prompt, max_new_tokens, prompt_lengths, eos_id, pad_id) -> _Batch:
         raise ValueError(f"eos_id must be an int or [B] = ({B},) ints, got shape {eos.shape}")
     if not np.issubdtype(eos.dtype, np.integer):
         raise ValueError(f"eos_id must be integers, got dtype {eos.dtype}")
-    if not isinstance(pad_id, int | np.integer):
-        raise ValueError(f"pad_id must be an int, got {pad_id!r}")
     return _Batch(
         prompt,
         jnp.asarray(lengths, jnp.int32),

@@ -183,6 +183,9 @@ class CausalLM(nnx.Module):
         return self.logits(x_last), caches
 
     def _prefill_blocks(self, tokens, *, max_len, lengths):
+        if lengths is not None:
+            # Padding runs with zero gates, which wipe finite values only: any id goes in.
+            tokens = jnp.where(jnp.arange(tokens.shape[1]) < lengths[:, None], tokens, 0)
         x = self.embed(tokens)
         caches = []
         for block in self.blocks:

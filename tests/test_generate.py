@@ -114,11 +114,13 @@ RAGGED_LENGTHS = {"tiny": (1, 70), "tiny-hybrid": (37, 70)}
 @pytest.mark.parametrize("preset", ["tiny", "tiny-hybrid"], ids=["recurrent", "hybrid"])
 def test_ragged_prompts_equal_separate_generates(preset):
     """Each row of a right-padded batch continues its own prompt exactly as a call with that row
-    alone; after it comes pad_id. The padding holds token ids the rows never saw."""
+    alone; after it comes pad_id. The padding holds an id outside the vocabulary (its embedding
+    lookup would be NaN), which must not reach any row."""
     cfg = ModelConfig.preset(preset)
     model = _inference(CausalLM(cfg, rngs=nnx.Rngs(4)))
     lengths = np.array(RAGGED_LENGTHS[preset], np.int32)
     prompt = _tokens(len(lengths), 70, cfg.vocab_size, seed=6)
+    prompt = jnp.where(jnp.arange(70) < lengths[:, None], prompt, 10 * cfg.vocab_size)
     N = 5
     out = np.asarray(generate(model, prompt, max_new_tokens=N, prompt_lengths=lengths, pad_id=-1))
     for i, L in enumerate(lengths):
