@@ -1,7 +1,9 @@
 """Autoregressive generation: prefill on the chunk path, then a jitted decode loop on the step path.
 
 Generation runs the model in inference mode (`.eval()`), so prompts of at most 64 tokens prefill
-with the token-serial kernel (as fla's layer) and longer ones with the chunk kernel.
+with the token-serial kernel (as fla's layer) and longer ones with the chunk kernel. Prompts of
+different lengths share one batch, right-padded (`prompt_lengths`); `stream` yields the tokens
+as they are decoded.
 
 The cache holds, per block, the GDN-2 conv history and float32 state (constant size) or an
 attention KV ring buffer (the window for SWA, prompt + new tokens for full attention).
@@ -9,9 +11,11 @@ attention KV ring buffer (the window for SWA, prompt + new tokens for full atten
 
 import dataclasses
 import functools
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from gdn2_jax.model import CausalLM
@@ -63,23 +67,190 @@ def sample_logits(logits, key, sampling: SamplingConfig = GREEDY):
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "eos_id"))
-def _generate(graphdef, state, prompt, key, *, max_new_tokens, sampling, eos_id):
-    model = nnx.merge(graphdef, state)
+NO_EOS = -1  # an id no sampler emits: the row never stops early
+
+
+def _start(model, prompt, lengths, eos, key, *, max_len, sampling):
+    """Prefill every row's prompt and sample its first token -> (token, caches, done)."""
     model.eval()  # inference: prompts of at most 64 tokens take the token-serial kernel, as fla
-    logits, caches = model.prefill(prompt, max_len=prompt.shape[1] + max_new_tokens)
-    keys = jax.random.split(key, max_new_tokens)
-    first = sample_logits(logits[:, -1], keys[0], sampling)
-    eos = -1 if eos_id is None else eos_id
+    logits, caches = model.prefill_last(prompt, max_len=max_len, lengths=lengths)
+    first = sample_logits(logits, key, sampling)
+    return first, caches, first == eos
+
+
+def _decode(model, carry, keys, eos, pad, *, sampling):
+    """len(keys) decoding steps from carry = (token, caches, done) -> (carry, tokens [B, n]).
+
+    A finished row (it emitted its eos) keeps stepping with its last token, masked: it emits
+    pad. The loop is a scan of static length, so the device never waits on the host.
+    """
 
     def body(carry, key_t):
         token, caches, done = carry
         logits, caches = model.decode_step(token, caches)
-        nxt = jnp.where(done, eos, sample_logits(logits, key_t, sampling))
-        return (nxt, caches, done | (nxt == eos)), nxt
+        nxt = jnp.where(done, pad, sample_logits(logits, key_t, sampling))
+        return (jnp.where(done, token, nxt), caches, done | (nxt == eos)), nxt
 
-    _, rest = jax.lax.scan(body, (first, caches, first == eos), keys[1:])
-    return jnp.concatenate([prompt, first[:, None], rest.T], axis=1)
+    carry, tokens = jax.lax.scan(body, carry, keys)
+    return carry, tokens.T
+
+
+def _assemble(prompt, lengths, new, pad):
+    """Row i: prompt[i, :lengths[i]], then its new tokens, then pad, to width T + N."""
+    T, N = prompt.shape[1], new.shape[1]
+    col = jnp.arange(T + N)[None, :]
+    offset = col - lengths[:, None]
+    from_new = jnp.take_along_axis(new, jnp.clip(offset, 0, N - 1), axis=1)
+    from_prompt = jnp.take_along_axis(prompt, jnp.clip(col, 0, T - 1), axis=1)
+    out = jnp.where(offset < 0, from_prompt, jnp.where(offset < N, from_new, pad))
+    return out.astype(jnp.int32)
+
+
+def _generate(graphdef, state, prompt, lengths, eos, pad, key, *, max_new_tokens, sampling):
+    model = nnx.merge(graphdef, state)
+    keys = jax.random.split(key, max_new_tokens)
+    max_len = prompt.shape[1] + max_new_tokens
+    carry = _start(model, prompt, lengths, eos, keys[0], max_len=max_len, sampling=sampling)
+    _, rest = _decode(model, carry, keys[1:], eos, pad, sampling=sampling)
+    return _assemble(prompt, lengths, jnp.concatenate([carry[0][:, None], rest], axis=1), pad)
+
+
+def _stream_start(graphdef, state, prompt, lengths, eos, key, *, max_len, sampling):
+    model = nnx.merge(graphdef, state)
+    return _start(model, prompt, lengths, eos, key, max_len=max_len, sampling=sampling)
+
+
+def _stream_decode(graphdef, state, carry, keys, eos, pad, *, sampling):
+    return _decode(nnx.merge(graphdef, state), carry, keys, eos, pad, sampling=sampling)
+
+
+@functools.lru_cache(maxsize=8)
+def _programs(graphdef):
+    """The jitted programs of one model structure, shared by every `Generator` of it (so that
+    `generate`, which builds one per call, hashes the graph once and compiles once per shape)."""
+    run = functools.partial(_generate, graphdef)
+    start = functools.partial(_stream_start, graphdef)
+    decode = functools.partial(_stream_decode, graphdef)
+    return (
+        jax.jit(run, static_argnames=("max_new_tokens", "sampling")),
+        jax.jit(start, static_argnames=("max_len", "sampling")),
+        jax.jit(decode, static_argnames=("sampling",)),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Batch:
+    """Validated `generate` inputs as device arrays."""
+
+    prompt: jax.Array  # [B, T] int32
+    lengths: jax.Array  # [B] int32
+    eos: jax.Array  # [B] int32 (NO_EOS: no stop token)
+    pad: jax.Array  # int32 scalar
+
+
+def _batch(prompt, max_new_tokens, prompt_lengths, eos_id, pad_id: int) -> _Batch:
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    prompt = jnp.asarray(prompt, jnp.int32)
+    if prompt.ndim != 2 or prompt.shape[1] < 1:
+        raise ValueError(f"prompt must be [B, T] with T >= 1, got shape {prompt.shape}")
+    B, T = prompt.shape
+    if prompt_lengths is None:
+        lengths = np.full((B,), T, np.int32)
+    else:
+        lengths = np.asarray(prompt_lengths)
+        if lengths.shape != (B,) or not np.issubdtype(lengths.dtype, np.integer):
+            raise ValueError(
+                f"prompt_lengths must be integers of shape [B] = ({B},), got dtype "
+                f"{lengths.dtype} and shape {lengths.shape}"
+            )
+        if lengths.min() < 1 or lengths.max() > T:
+            raise ValueError(
+                f"prompt_lengths must be in [1, T = {T}], got min {lengths.min()} and max "
+                f"{lengths.max()}"
+            )
+    eos = np.asarray(NO_EOS if eos_id is None else eos_id)
+    if eos.ndim > 1 or (eos.ndim == 1 and eos.shape != (B,)):
+        raise ValueError(f"eos_id must be an int or [B] = ({B},) ints, got shape {eos.shape}")
+    if not np.issubdtype(eos.dtype, np.integer):
+        raise ValueError(f"eos_id must be integers, got dtype {eos.dtype}")
+    return _Batch(
+        prompt,
+        jnp.asarray(lengths, jnp.int32),
+        jnp.broadcast_to(jnp.asarray(eos, jnp.int32), (B,)),
+        jnp.asarray(pad_id, jnp.int32),
+    )
+
+
+def _key(rng, sampling: SamplingConfig):
+    """Sampling (`temperature > 0`) needs `rng`, a `jax.random.key`: the same key gives the same
+    continuation, so a caller who wants new samples passes a new key each call (a hidden default
+    key would return one sample forever). Greedy decoding draws nothing and needs none."""
+    if rng is not None:
+        return rng
+    if sampling.temperature > 0:
+        raise ValueError(
+            f"generate: sampling with temperature={sampling.temperature} needs rng, a "
+            "jax.random.key (e.g. rng=jax.random.key(seed)); pass temperature=0 for greedy"
+        )
+    return jax.random.key(0)  # only fills the slot: greedy decoding draws nothing
+
+
+class Generator:
+    """Generation from one model, split once: repeated calls skip walking the model's graph
+    (`nnx.split`, tens of milliseconds of host time for a 1.3B model) and hashing its graph
+    definition, and reuse the compiled programs of earlier calls with the same shapes.
+
+    It holds the model's parameters as they are when it is built; build a new one after
+    changing them. `sampling` and `pad_id` (the token after a row's end) are fixed per generator.
+    """
+
+    def __init__(self, model: CausalLM, *, sampling: SamplingConfig = GREEDY, pad_id: int = 0):
+        if not isinstance(pad_id, int | np.integer):
+            raise ValueError(f"pad_id must be an int, got {pad_id!r}")
+        self.sampling, self.pad_id = sampling, int(pad_id)
+        graphdef, self.state = nnx.split(model)
+        # The jitted pieces over (state, ...): whole generation, prefill + first sample, decode
+        # steps; `benchmarks/bench_generate.py` times them apart.
+        self.generate_fn, self.prefill_fn, self.decode_fn = _programs(graphdef)
+
+    def generate(self, prompt, *, max_new_tokens: int, rng=None, eos_id=None, prompt_lengths=None):
+        """prompt [B, T] int32 -> [B, T + max_new_tokens] int32; see `generate`."""
+        batch = _batch(prompt, max_new_tokens, prompt_lengths, eos_id, self.pad_id)
+        rng = _key(rng, self.sampling)
+        return self.generate_fn(
+            self.state, batch.prompt, batch.lengths, batch.eos, batch.pad, rng,
+            max_new_tokens=max_new_tokens, sampling=self.sampling,
+        )  # fmt: skip
+
+    def stream(
+        self, prompt, *, max_new_tokens: int, every: int = 1, rng=None, eos_id=None,
+        prompt_lengths=None,
+    ) -> Iterator[np.ndarray]:  # fmt: skip
+        """As `generate`, but yields the new tokens as they come: numpy [B, n] blocks, the first
+        token alone, then n = `every` at a time (the last block may be shorter); concatenated
+        they are `generate`'s new tokens (same rng, same keys). Each block is one compiled scan
+        of `every` steps that the host reads back, so a larger `every` costs fewer round trips.
+        Stops early once every row has emitted its eos (what would follow is pad).
+        """
+        if every < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
+        batch = _batch(prompt, max_new_tokens, prompt_lengths, eos_id, self.pad_id)
+        keys = jax.random.split(_key(rng, self.sampling), max_new_tokens)
+        max_len = batch.prompt.shape[1] + max_new_tokens
+        carry = self.prefill_fn(
+            self.state, batch.prompt, batch.lengths, batch.eos, keys[0],
+            max_len=max_len, sampling=self.sampling,
+        )  # fmt: skip
+        yield np.asarray(carry[0])[:, None]
+        for start in range(1, max_new_tokens, every):
+            if bool(np.asarray(carry[2]).all()):
+                return
+            block = keys[start : start + every]
+            carry, tokens = self.decode_fn(
+                self.state, carry, block, batch.eos, batch.pad, sampling=self.sampling
+            )
+            yield np.asarray(tokens)
 
 
 def generate(
@@ -89,28 +260,20 @@ def generate(
     max_new_tokens: int,
     sampling: SamplingConfig = GREEDY,
     rng=None,
-    eos_id: int | None = None,
+    eos_id=None,
+    prompt_lengths=None,
+    pad_id: int = 0,
 ):
-    """prompt [B, T] int32 -> [B, T + max_new_tokens]; after `eos_id` a row repeats it.
+    """prompt [B, T] int32 -> [B, T + max_new_tokens] int32.
 
-    Sampling (`temperature > 0`) needs `rng`, a `jax.random.key`: the same key gives the same
-    continuation, so a caller who wants new samples passes a new key each call (there is no
-    hidden default key, which would return one sample forever). Greedy decoding needs none.
+    `prompt_lengths` [B]: row i's prompt is prompt[i, :prompt_lengths[i]] (right padding after
+    it); default: all T tokens. Output row i holds its prompt, then its max_new_tokens new
+    tokens, then `pad_id` to the common width. `eos_id` (an int, or [B] ints: a stop token per
+    row) ends a row: it keeps the eos and holds `pad_id` after it. Greedy rows equal separate
+    `generate` calls of each row alone. For repeated calls or streaming use a `Generator`.
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    prompt = jnp.asarray(prompt, jnp.int32)
-    if prompt.ndim != 2 or prompt.shape[1] < 1:
-        raise ValueError(f"prompt must be [B, T] with T >= 1, got shape {prompt.shape}")
-    if rng is None:
-        if sampling.temperature > 0:
-            raise ValueError(
-                f"generate: sampling with temperature={sampling.temperature} needs rng, a "
-                "jax.random.key (e.g. rng=jax.random.key(seed)); pass temperature=0 for greedy"
-            )
-        rng = jax.random.key(0)  # greedy decoding draws nothing; the key only fills the slot
-    graphdef, state = nnx.split(model)
-    return _generate(
-        graphdef, state, prompt, rng,
-        max_new_tokens=max_new_tokens, sampling=sampling, eos_id=eos_id,
+    generator = Generator(model, sampling=sampling, pad_id=pad_id)
+    return generator.generate(
+        prompt, max_new_tokens=max_new_tokens, rng=rng, eos_id=eos_id,
+        prompt_lengths=prompt_lengths,
     )  # fmt: skip

@@ -62,11 +62,11 @@ class Block(nnx.Module):
         x = x + self.mixer(self.norm_1(x), segment_ids=segment_ids)
         return x + self.mlp(self.norm_2(x))
 
-    def prefill(self, x, *, max_len: int):
+    def prefill(self, x, *, max_len: int, lengths=None):
         if self.kind == "gdn2":
-            h, cache = self.mixer.prefill(self.norm_1(x))
+            h, cache = self.mixer.prefill(self.norm_1(x), lengths=lengths)
         else:
-            h, cache = self.mixer.prefill(self.norm_1(x), max_len=max_len)
+            h, cache = self.mixer.prefill(self.norm_1(x), max_len=max_len, lengths=lengths)
         x = x + h
         return x + self.mlp(self.norm_2(x)), cache
 
@@ -92,6 +92,7 @@ def _make_mixer(cfg: ModelConfig, kind: str, out_scale: float, rngs: nnx.Rngs):
             gate_mode=cfg.gate_mode,
             backend=cfg.gdn2_backend,
             recurrent_backend=cfg.gdn2_recurrent_backend,
+            decode=cfg.gdn2_decode,
             chunk_size=cfg.chunk_size,
             interpret=cfg.gdn2_interpret,
             dtype=dt,
@@ -165,17 +166,34 @@ class CausalLM(nnx.Module):
         """
         return head_logits(self.features(tokens, segment_ids=segment_ids), self.head())
 
-    def prefill(self, tokens, *, max_len: int):
+    def prefill(self, tokens, *, max_len: int, lengths=None):
         """Chunk path over a prompt [B, T] -> (logits [B, T, vocab], per-block caches).
 
         `max_len` bounds prompt plus generated tokens: it sizes full-attention KV buffers.
+        `lengths` [B] int32: row i's prompt is tokens[i, :lengths[i]] (right-padded); each
+        row's cache is the one after its own prompt, and logits past it mean nothing.
         """
+        x, caches = self._prefill_blocks(tokens, max_len=max_len, lengths=lengths)
+        return self.logits(x), caches
+
+    def prefill_last(self, tokens, *, max_len: int, lengths=None):
+        """As `prefill`, but only the logits [B, vocab] at each row's last prompt token (the
+        head runs on B positions, not B·T)."""
+        x, caches = self._prefill_blocks(tokens, max_len=max_len, lengths=lengths)
+        last = jnp.full((x.shape[0],), x.shape[1], jnp.int32) if lengths is None else lengths
+        x_last = jnp.take_along_axis(x, (last - 1)[:, None, None], axis=1)[:, 0]
+        return self.logits(x_last), caches
+
+    def _prefill_blocks(self, tokens, *, max_len, lengths):
+        if lengths is not None:
+            # Padding runs with zero gates, which wipe finite values only: any id goes in.
+            tokens = jnp.where(jnp.arange(tokens.shape[1]) < lengths[:, None], tokens, 0)
         x = self.embed(tokens)
         caches = []
         for block in self.blocks:
-            x, cache = block.prefill(x, max_len=max_len)
+            x, cache = block.prefill(x, max_len=max_len, lengths=lengths)
             caches.append(cache)
-        return self.logits(x), tuple(caches)
+        return x, tuple(caches)
 
     def decode_step(self, token, caches):
         """One token [B] int32 after the cached context -> (logits [B, vocab], caches)."""

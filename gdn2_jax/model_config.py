@@ -9,6 +9,7 @@ from typing import Any, ClassVar, Literal
 from gdn2_jax.options import (
     ATTENTION_IMPLEMENTATIONS,
     CHUNK_BACKENDS,
+    DECODE_MODES,
     DTYPES,
     GATE_MODES,
     MIXERS,
@@ -50,6 +51,7 @@ class ModelConfig:
     gdn2_backend: Literal[CHUNK_BACKENDS] = "auto"
     gdn2_recurrent_backend: Literal[RECURRENT_BACKENDS] = "auto"
     gdn2_interpret: bool = False
+    gdn2_decode: Literal[DECODE_MODES] = "auto"  # the decoding step: one fused kernel or not
     chunk_size: int = 64
     # attention mixers ("swa", "attn")
     attn_num_heads: int = 18

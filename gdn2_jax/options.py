@@ -13,6 +13,9 @@ GATE_MODES = ("gdn2", "kda", "b_only", "w_only", "gdn")
 TIED_GATE_MODES = ("kda", "gdn")  # one β per value head for both gates
 LAYER_MODES = ("chunk", "recurrent")
 OUTPUT_GATES = ("silu", "sigmoid")
+# The decoding step: one fused Pallas kernel between the projections, XLA ops around the
+# token-serial kernel, or "auto" (fused where it runs: a GPU or interpret mode, gdn2 gates).
+DECODE_MODES = ("auto", "fused", "unfused")
 
 # Attention mixers
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")

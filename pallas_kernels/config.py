@@ -124,6 +124,18 @@ class ChunkConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    """Fused decoding step (`pallas_kernels.decode`): one program per (sequence, value head)
+    holds that head's whole [K, V] float32 state, so it takes more warps than the V-blocked
+    token-serial kernel."""
+
+    launch: Launch = Launch(num_warps=8, num_stages=1)
+
+
+DEFAULT_DECODE_CONFIG = DecodeConfig()
+
+
+@dataclasses.dataclass(frozen=True)
 class RecurrentConfig:
     """Token-serial decoding kernel: one program per (V block, sequence, head)."""
 

@@ -1,5 +1,7 @@
 """Generation: prefill + cached decoding reproduces the full forward pass; the samplers."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +9,7 @@ import pytest
 from flax import nnx
 from testing import rel_err
 
-from gdn2_jax.generate import GREEDY, SamplingConfig, generate, sample_logits
+from gdn2_jax.generate import GREEDY, Generator, SamplingConfig, generate, sample_logits
 from gdn2_jax.model import CausalLM
 from gdn2_jax.model_config import ModelConfig
 
@@ -98,20 +100,70 @@ def test_generate_stops_at_eos():
     prompt = _tokens(1, 4, cfg.vocab_size)
     free = generate(model, prompt, max_new_tokens=6)
     eos = int(free[0, 6])  # the third generated token
-    out = np.asarray(generate(model, prompt, max_new_tokens=6, eos_id=eos))
+    out = np.asarray(generate(model, prompt, max_new_tokens=6, eos_id=eos, pad_id=-7))
     np.testing.assert_array_equal(out[0, :7], np.asarray(free[0, :7]))
-    assert (out[0, 7:] == eos).all()
+    assert (out[0, 7:] == -7).all()
 
 
-def test_sampled_generation_is_reproducible_and_in_vocab():
+# Row lengths: one token (shorter than the conv history), one that wraps the SWA window (16) at
+# another slot than the full width; 70 > 64 runs the batch's prefill on the chunk path over the
+# padding. Two rows a model: each separate call is a compile.
+RAGGED_LENGTHS = {"tiny": (1, 70), "tiny-hybrid": (37, 70)}
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-hybrid"], ids=["recurrent", "hybrid"])
+def test_ragged_prompts_equal_separate_generates(preset):
+    """Each row of a right-padded batch continues its own prompt exactly as a call with that row
+    alone; after it comes pad_id. The padding holds an id outside the vocabulary (its embedding
+    lookup would be NaN), which must not reach any row."""
+    cfg = ModelConfig.preset(preset)
+    model = _inference(CausalLM(cfg, rngs=nnx.Rngs(4)))
+    lengths = np.array(RAGGED_LENGTHS[preset], np.int32)
+    prompt = _tokens(len(lengths), 70, cfg.vocab_size, seed=6)
+    prompt = jnp.where(jnp.arange(70) < lengths[:, None], prompt, 10 * cfg.vocab_size)
+    N = 5
+    out = np.asarray(generate(model, prompt, max_new_tokens=N, prompt_lengths=lengths, pad_id=-1))
+    for i, L in enumerate(lengths):
+        alone = np.asarray(generate(model, prompt[i : i + 1, :L], max_new_tokens=N))[0]
+        np.testing.assert_array_equal(out[i, : L + N], alone)
+        assert (out[i, L + N :] == -1).all()
+
+
+def test_stream_yields_generate_tokens_and_stops_per_row():
+    """Blocks (the first token, then 3 at a time) concatenate to generate's new tokens, with a
+    stop token per row; the stream ends with the block in which the last row stops."""
     cfg = ModelConfig.preset("tiny")
     model = CausalLM(cfg, rngs=nnx.Rngs(0))
-    prompt = _tokens(3, 5, cfg.vocab_size)
-    sampling = SamplingConfig(temperature=0.8, top_k=20, top_p=0.9)
-    a = generate(model, prompt, max_new_tokens=5, sampling=sampling, rng=jax.random.key(7))
-    b = generate(model, prompt, max_new_tokens=5, sampling=sampling, rng=jax.random.key(7))
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert int(a.min()) >= 0 and int(a.max()) < cfg.vocab_size
+    prompt, lengths = _tokens(2, 6, cfg.vocab_size, seed=2), np.array([6, 3], np.int32)
+    free = np.asarray(generate(model, prompt, max_new_tokens=12, prompt_lengths=lengths))
+    stop_at = (1, 3)  # the new-token index at which each row meets its own stop token
+    eos = np.array([free[i, lengths[i] + stop_at[i]] for i in range(2)], np.int32)
+    kw = dict(max_new_tokens=12, prompt_lengths=lengths, eos_id=eos)
+    want = np.asarray(generate(model, prompt, pad_id=-1, **kw))
+    new = np.stack([want[i, lengths[i] : lengths[i] + 12] for i in range(2)])
+    blocks = list(Generator(model, pad_id=-1).stream(prompt, every=3, **kw))
+    assert [b.shape[1] for b in blocks] == [1, 3]
+    got = np.concatenate(blocks, axis=1)
+    np.testing.assert_array_equal(got, new[:, : got.shape[1]])
+    assert (new[:, got.shape[1] :] == -1).all()
+    for i in range(2):
+        first_stop = np.flatnonzero(free[i, lengths[i] :] == eos[i])[0]
+        assert (new[i, : first_stop + 1] == free[i, lengths[i] : lengths[i] + first_stop + 1]).all()
+        assert (new[i, first_stop + 1 :] == -1).all()
+
+
+def test_decode_loop_has_a_static_trip_count():
+    """The compiled generation's decode loop is a while loop XLA knows runs N − 1 times (on a GPU
+    its predicate then never goes to the host)."""
+    model = CausalLM(ModelConfig.preset("tiny"), rngs=nnx.Rngs(0))
+    gen = Generator(model)
+    B, N = 2, 7
+    lengths, eos, pad = jnp.full((B,), 5, jnp.int32), jnp.full((B,), -1, jnp.int32), jnp.int32(0)
+    args = (jnp.zeros((B, 5), jnp.int32), lengths, eos, pad, jax.random.key(0))
+    hlo = gen.generate_fn.lower(gen.state, *args, max_new_tokens=N, sampling=GREEDY)
+    text = hlo.compile().as_text()
+    loops = re.findall(r"while\(.*known_trip_count\":\{\"n\":\"(\d+)\"", text)
+    assert str(N - 1) in loops, loops
 
 
 LOGITS = jnp.log(jnp.array([[0.05, 0.4, 0.1, 0.3, 0.15]]))
@@ -165,6 +217,16 @@ def test_bad_generate_arguments():
         generate(model, jnp.zeros((1, 3), jnp.int32), max_new_tokens=0)
     with pytest.raises(ValueError, match="prompt"):
         generate(model, jnp.zeros((3,), jnp.int32), max_new_tokens=2)
+    prompt = jnp.zeros((2, 3), jnp.int32)
+    for lengths in ([3], [0, 3], [1, 4], [1.0, 2.0]):
+        with pytest.raises(ValueError, match="prompt_lengths"):
+            generate(model, prompt, max_new_tokens=2, prompt_lengths=lengths)
+    with pytest.raises(ValueError, match="eos_id"):
+        generate(model, prompt, max_new_tokens=2, eos_id=[1, 2, 3])
+    with pytest.raises(ValueError, match="pad_id"):
+        generate(model, prompt, max_new_tokens=2, pad_id=0.5)
+    with pytest.raises(ValueError, match="every"):
+        next(Generator(model).stream(prompt, max_new_tokens=2, every=0))
 
 
 def test_sampling_without_rng_is_an_error_not_one_fixed_sample():

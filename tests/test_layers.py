@@ -26,6 +26,7 @@ FLA_TOL = 1e-4
 # Names of the Pallas kernels each form of the op runs (interpret mode on CPU).
 CHUNK_KERNEL = "gdn2_chunk_fwd_intra"
 SERIAL_KERNEL = "gdn2_recurrent_fwd"
+FUSED_DECODE_KERNEL = "gdn2_fused_decode_step"
 
 
 @nnx.jit
@@ -129,14 +130,17 @@ def _kernels(layer, T, *, step=False):
 
 def test_each_form_runs_its_kernel():
     """Training always runs the chunk kernels; inference inputs of at most SHORT_INPUT_LEN tokens,
-    mode="recurrent" and the decoding step run the token-serial kernel, and nothing else."""
+    mode="recurrent" run the token-serial kernel, and nothing else; the decoding step runs the
+    fused step kernel (decode="auto"), or the token-serial one with decode="unfused"."""
     layer = _layer(interpret=True)
     assert _kernels(layer, SHORT_INPUT_LEN)[CHUNK_KERNEL] == 1
     assert SERIAL_KERNEL not in _kernels(layer, 1)
     layer.eval()
     assert _kernels(layer, SHORT_INPUT_LEN) == {SERIAL_KERNEL: 1}
     assert _kernels(layer, SHORT_INPUT_LEN + 1)[CHUNK_KERNEL] == 1
-    assert _kernels(layer, 1, step=True) == {SERIAL_KERNEL: 1}
+    assert _kernels(layer, 1, step=True) == {FUSED_DECODE_KERNEL: 1}
+    unfused = _layer(interpret=True, decode="unfused")
+    assert _kernels(unfused, 1, step=True) == {SERIAL_KERNEL: 1}
     recurrent = _layer(mode="recurrent", interpret=True)
     assert _kernels(recurrent, 3 * SHORT_INPUT_LEN) == {SERIAL_KERNEL: 1}
 
@@ -149,7 +153,9 @@ def test_each_form_takes_its_own_backend():
     assert _kernels(layer, SHORT_INPUT_LEN + 1)[CHUNK_KERNEL] == 1
     serial_only = _layer(backend="xla", recurrent_backend="pallas", interpret=True)
     assert _kernels(serial_only, SHORT_INPUT_LEN) == {}
-    assert _kernels(serial_only, 1, step=True) == {SERIAL_KERNEL: 1}
+    assert _kernels(serial_only, 1, step=True) == {FUSED_DECODE_KERNEL: 1}
+    unfused = _layer(backend="xla", recurrent_backend="pallas", interpret=True, decode="unfused")
+    assert _kernels(unfused, 1, step=True) == {SERIAL_KERNEL: 1}
 
 
 def test_pallas_without_interpret_off_a_gpu_is_an_error():

@@ -19,7 +19,7 @@ class KVCache(NamedTuple):
 
     k: jax.Array  # [B, L, H_kv, D]
     v: jax.Array  # [B, L, H_kv, D]
-    t: jax.Array  # int32 scalar: tokens seen so far (the next token's position)
+    t: jax.Array  # [B] int32: tokens each row has seen (its next token's position)
 
 
 class Attention(nnx.Module):
@@ -121,34 +121,39 @@ class Attention(nnx.Module):
     def init_cache(self, batch_size: int, max_len: int, dtype=None) -> KVCache:
         shape = (batch_size, self.cache_len(max_len), self.num_kv_heads, self.head_dim)
         dtype = dtype or self.dtype or jnp.float32
-        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
+        zeros = jnp.zeros(shape, dtype)
+        return KVCache(zeros, zeros, jnp.zeros((batch_size,), jnp.int32))
 
-    def prefill(self, x, *, max_len: int):
-        """x [B, T, hidden] from position 0 -> (y, cache of the last keys for up to max_len)."""
+    def prefill(self, x, *, max_len: int, lengths=None):
+        """x [B, T, hidden] from position 0 -> (y, cache of the last keys for up to max_len).
+
+        `lengths` [B] int32: row i's input is x[i, :lengths[i]] (right padding after it, which
+        causal attention keeps out of the real tokens' outputs and the cache leaves out).
+        """
         B, T, _ = x.shape
         y, k, v = self._full(x, None)
-        cache = self.init_cache(B, max_len, k.dtype)
-        L = cache.k.shape[1]
-        kept = jnp.arange(max(0, T - L), T)
-        cache = KVCache(
-            cache.k.at[:, kept % L].set(k[:, kept]),
-            cache.v.at[:, kept % L].set(v[:, kept]),
-            jnp.asarray(T, jnp.int32),
-        )
-        return y, cache
+        L = self.cache_len(max_len)
+        t = jnp.full((B,), T, jnp.int32) if lengths is None else lengths.astype(jnp.int32)
+        # Slot s holds the latest position p < t with p ≡ s (mod L); p < 0 leaves it empty.
+        pos = (t - 1)[:, None] - ((t - 1)[:, None] - jnp.arange(L)) % L
+        take = jnp.clip(pos, 0, T - 1)[..., None, None]
+        filled = (pos >= 0)[..., None, None]
+        k_buf = jnp.where(filled, jnp.take_along_axis(k, take, axis=1), 0)
+        v_buf = jnp.where(filled, jnp.take_along_axis(v, take, axis=1), 0)
+        return y, KVCache(k_buf, v_buf, t)
 
     def step(self, x_t, cache: KVCache):
         """One decoding token: x_t [B, hidden] -> (y_t [B, hidden], cache)."""
         B = x_t.shape[0]
         L = cache.k.shape[1]
         t = cache.t
-        q, k, v = self._qkv(x_t[:, None], t[None])
-        slot = t % L
-        k_buf = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), slot, axis=1)
-        v_buf = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), slot, axis=1)
+        q, k, v = self._qkv(x_t[:, None], t[:, None])
+        rows, slot = jnp.arange(B), t % L
+        k_buf = cache.k.at[rows, slot].set(k[:, 0].astype(cache.k.dtype))
+        v_buf = cache.v.at[rows, slot].set(v[:, 0].astype(cache.v.dtype))
         # After writing t, slot s holds position t − ((t − s) mod L); negative means still empty.
-        slot_pos = t - (t - jnp.arange(L)) % L
-        mask = (slot_pos >= 0)[None, None, None, :]
+        slot_pos = t[:, None] - (t[:, None] - jnp.arange(L)) % L
+        mask = (slot_pos >= 0)[:, None, None, :]
         o = jax.nn.dot_product_attention(q, k_buf.astype(q.dtype), v_buf.astype(q.dtype), mask=mask)
         return self.o_proj(o.reshape(B, -1)), KVCache(k_buf, v_buf, t + 1)
 

@@ -36,12 +36,14 @@ class ShortConvolution(nnx.Module):
         """Zero cache [B, W−1, D]: the inputs before the first token."""
         return jnp.zeros((batch_size, self.kernel_size - 1, self.features), dtype)
 
-    def __call__(self, x, *, segment_ids=None, state=None, state_segment_ids=None):
+    def __call__(self, x, *, segment_ids=None, state=None, state_segment_ids=None, lengths=None):
         """x [B, T, D] -> (y [B, T, D], new state [B, W−1, D]).
 
         With `segment_ids` [B, T] a tap only reads tokens of the query token's own document; taps
         into `state` are then dropped, unless `state_segment_ids` [B, W−1] gives the documents of
         the state's tokens (a span continuing a sequence, e.g. the previous device's last tokens).
+        With `lengths` [B] (right-padded rows) the new state is the one after row i's first
+        lengths[i] tokens.
         """
         B, T, _ = x.shape
         dtype = self.dtype or x.dtype
@@ -57,7 +59,11 @@ class ShortConvolution(nnx.Module):
                 same = _same_segment(segment_ids, lag=W - 1 - j, history=state_segment_ids)
                 tap = tap * same[..., None].astype(dtype)
             y = y + jnp.einsum("btd,d->btd", tap, weight[j], preferred_element_type=jnp.float32)
-        return jax.nn.silu(y).astype(dtype), xp[:, T:]
+        if lengths is None:
+            return jax.nn.silu(y).astype(dtype), xp[:, T:]
+        # Token t is xp[W−1+t], so the W−1 inputs before token L are xp[L : L+W−1].
+        index = lengths[:, None] + jnp.arange(W - 1)
+        return jax.nn.silu(y).astype(dtype), jnp.take_along_axis(xp, index[..., None], axis=1)
 
     def step(self, x_t, state):
         """One token: x_t [B, D], state [B, W−1, D] -> (y_t [B, D], new state)."""

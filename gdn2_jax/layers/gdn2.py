@@ -4,6 +4,7 @@ Parameter names and shapes mirror the PyTorch `GatedDeltaNet2` of fla and NVIDIA
 transposes of `nn.Linear` weights), so a checkpoint converts one-to-one.
 """
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -16,9 +17,10 @@ from gdn2_jax.layers.conv import ShortConvolution
 from gdn2_jax.layers.init import GDN2_LINEAR_INIT, dense, partitioned
 from gdn2_jax.layers.norm import GatedRMSNorm
 from gdn2_jax.layers.segments import segment_starts
-from gdn2_jax.ops import sharded
+from gdn2_jax.ops import core, sharded
 from gdn2_jax.options import (
     CHUNK_BACKENDS,
+    DECODE_MODES,
     GATE_MODES,
     LAYER_MODES,
     OUTPUT_GATES,
@@ -74,10 +76,17 @@ def _check_config(hidden_size, num_heads, head_dim, expand_v, num_v_heads, **cho
         raise ValueError(f"num_v_heads={num_v_heads} must be a multiple of num_heads={num_heads}")
     allowed = {"output_gate": OUTPUT_GATES, "mode": LAYER_MODES, "gate_mode": GATE_MODES}
     allowed |= {"backend": CHUNK_BACKENDS, "recurrent_backend": RECURRENT_BACKENDS}
+    allowed |= {"decode": DECODE_MODES}
     for name, value in choices.items():
         if value not in allowed[name]:
             raise ValueError(f"{name} must be one of {allowed[name]}, got {value!r}")
     return head_v_dim
+
+
+def _hold_state_after(lengths, g, b, w):
+    """g, b, w [B, T, HV, ·] with g = 0, b = w = 0 at t >= lengths[i]: there S_t = S_{t−1}."""
+    pad = (jnp.arange(g.shape[1])[None, :] >= lengths[:, None])[..., None, None]
+    return jnp.where(pad, 0.0, g), jnp.where(pad, 0, b), jnp.where(pad, 0, w)
 
 
 class GatedDeltaRule2(nnx.Module):
@@ -103,6 +112,9 @@ class GatedDeltaRule2(nnx.Module):
 
     `backend` names the chunk form's implementation and `recurrent_backend` the token-serial
     form's (see `gdn2_jax.ops.registry`; "auto" takes the first that supports the inputs);
+    `decode` the decoding `step`'s: "fused" (everything between the projection matmuls in one
+    Pallas kernel, `pallas_kernels.decode`), "unfused" (XLA ops around the token-serial op) or
+    "auto" (fused where it can run, else unfused; `fused_decode_unsupported` says why not);
     `interpret=True` runs Pallas kernels in interpret mode (tests off a GPU).
     """
 
@@ -122,6 +134,7 @@ class GatedDeltaRule2(nnx.Module):
         gate_mode: str = "gdn2",
         backend: str = "auto",
         recurrent_backend: str = "auto",
+        decode: str = "auto",
         chunk_size: int = 64,
         interpret: bool = False,
         dtype=None,
@@ -132,13 +145,14 @@ class GatedDeltaRule2(nnx.Module):
         self.head_v_dim = _check_config(
             hidden_size, num_heads, head_dim, expand_v, num_v_heads,
             output_gate=output_gate, mode=mode, gate_mode=gate_mode, backend=backend,
-            recurrent_backend=recurrent_backend,
+            recurrent_backend=recurrent_backend, decode=decode,
         )  # fmt: skip
         self.hidden_size, self.num_heads, self.head_dim = hidden_size, num_heads, head_dim
         self.num_v_heads = num_v_heads
         self.key_dim, self.value_dim = num_heads * head_dim, num_v_heads * self.head_v_dim
         self.allow_neg_eigval, self.mode, self.gate_mode = allow_neg_eigval, mode, gate_mode
-        self.backend, self.recurrent_backend = backend, recurrent_backend
+        self.backend, self.recurrent_backend, self.decode = backend, recurrent_backend, decode
+        self.output_gate = output_gate
         self.chunk_size, self.interpret, self.dtype = chunk_size, interpret, dtype
         self.deterministic = False
         self._build(conv_size, output_gate, norm_eps, param_dtype, rngs)
@@ -257,11 +271,11 @@ class GatedDeltaRule2(nnx.Module):
             context_parallel=split,
         )  # fmt: skip
 
-    def _short_conv(self, conv, x, segment_ids, state, split):
+    def _short_conv(self, conv, x, *, segment_ids, state, split, lengths):
         """conv(x) -> (y, its new state); `split`: from the previous device's last tokens (no
         state is kept, none is needed: only prefill, which does not split, builds a cache)."""
         if not split:
-            return conv(x, segment_ids=segment_ids, state=state)
+            return conv(x, segment_ids=segment_ids, state=state, lengths=lengths)
         y = context.context_parallel_short_conv(
             conv, x,
             segment_ids=segment_ids,
@@ -300,21 +314,30 @@ class GatedDeltaRule2(nnx.Module):
         y, _ = self._sequence(x, segment_ids=segment_ids, cache=None)
         return y
 
-    def prefill(self, x, *, cache: GDN2Cache | None = None):
-        """The sequence from `cache` (or zeros): x [B, T, hidden] -> (y, cache after it)."""
-        return self._sequence(x, segment_ids=None, cache=cache or self.init_cache(x.shape[0]))
+    def prefill(self, x, *, cache: GDN2Cache | None = None, lengths=None):
+        """The sequence from `cache` (or zeros): x [B, T, hidden] -> (y, cache after it).
 
-    def _sequence(self, x, *, segment_ids, cache):
+        `lengths` [B] int32: row i's input is x[i, :lengths[i]] (right padding after it); the
+        cache is the one after that many tokens. Padding tokens run with g = 0 and b = w = 0,
+        which leaves the state exactly as it was, and the conv history is read at each length.
+        """
+        cache = cache or self.init_cache(x.shape[0])
+        return self._sequence(x, segment_ids=None, cache=cache, lengths=lengths)
+
+    def _sequence(self, x, *, segment_ids, cache, lengths=None):
         # Prefill (a cache) keeps whole sequences per device: decoding continues from its state.
         split = cache is None and sharded.context_axis(x.shape[1]) is not None
         caches = (None,) * 3 if cache is None else cache[:3]
-        q, cq = self._short_conv(self.q_conv1d, self.q_proj(x), segment_ids, caches[0], split)
-        k, ck = self._short_conv(self.k_conv1d, self.k_proj(x), segment_ids, caches[1], split)
-        v, cv = self._short_conv(self.v_conv1d, self.v_proj(x), segment_ids, caches[2], split)
+        conv = functools.partial(self._short_conv, segment_ids=segment_ids, split=split)
+        q, cq = conv(self.q_conv1d, self.q_proj(x), state=caches[0], lengths=lengths)
+        k, ck = conv(self.k_conv1d, self.k_proj(x), state=caches[1], lengths=lengths)
+        v, cv = conv(self.v_conv1d, self.v_proj(x), state=caches[2], lengths=lengths)
         q, k, v = self._qkv(q, k, v)
         g, b, w = self.gates(x)
         if segment_ids is not None:
             g = self._reset_at_document_starts(g, segment_ids, split)
+        if lengths is not None:
+            g, b, w = _hold_state_after(lengths, g, b, w)
         o, S = self._rule(
             q, k, v, g, b, w,
             initial_state=None if cache is None else cache.S,
@@ -324,8 +347,40 @@ class GatedDeltaRule2(nnx.Module):
         new_cache = None if cache is None else GDN2Cache(cq, ck, cv, S)
         return self._output(o, x), new_cache
 
+    def fused_decode_unsupported(self, dtype) -> str | None:
+        """Why the fused decoding step cannot run this layer's step in `dtype` (None if it can)."""
+        if self.recurrent_backend == "scan":
+            return 'recurrent_backend="scan" asks for the jnp reference step'
+        if self.gate_mode != "gdn2":
+            return f'it computes channel-wise gates (gate_mode="gdn2"), not {self.gate_mode!r}'
+        if self.q_conv1d.kernel_size < 2:
+            return f"it needs a conv size >= 2, got {self.q_conv1d.kernel_size}"
+        if jax.default_backend() != "gpu" and not self.interpret:
+            platform = jax.default_backend()
+            return f"it is a Pallas kernel: it needs a GPU (this is {platform!r}) or interpret=True"
+        mesh = jax.sharding.get_abstract_mesh()
+        if not mesh.empty and mesh.size > 1:
+            return "it has no partitioning rule, and a mesh of more than one device is active"
+        try:
+            unsupported = core.pallas_kernel("pallas_kernels", "decode_unsupported")
+        except NotImplementedError as err:
+            return str(err)
+        return unsupported(self.head_dim, self.head_v_dim, (jnp.dtype(dtype),))
+
+    def _decode_path(self, dtype) -> str:
+        if self.decode == "unfused":
+            return "unfused"
+        reason = self.fused_decode_unsupported(dtype)
+        if reason is None:
+            return "fused"
+        if self.decode == "fused":
+            raise NotImplementedError(f'decode="fused" cannot run: {reason}')
+        return "unfused"
+
     def step(self, x_t, cache: GDN2Cache):
         """One decoding token: x_t [B, hidden] -> (y_t [B, hidden], updated cache)."""
+        if self._decode_path(self.dtype or x_t.dtype) == "fused":
+            return self._fused_step(x_t, cache)
         q, cq = self.q_conv1d.step(self.q_proj(x_t), cache.conv_q)
         k, ck = self.k_conv1d.step(self.k_proj(x_t), cache.conv_k)
         v, cv = self.v_conv1d.step(self.v_proj(x_t), cache.conv_v)
@@ -338,3 +393,27 @@ class GatedDeltaRule2(nnx.Module):
             interpret=self.interpret,
         )  # fmt: skip
         return self._output(o, x_t), GDN2Cache(cq, ck, cv, S)
+
+    def _fused_step(self, x_t, cache: GDN2Cache):
+        """`step` with everything between the projections in one kernel (same numbers)."""
+        kernel = core.pallas_kernel("pallas_kernels", "fused_decode_step")
+        shape_cls = core.pallas_kernel("pallas_kernels", "DecodeShape")
+        dtype = self.dtype or x_t.dtype
+        f = self.f_proj(x_t)
+        projections = (self.q_proj(x_t), self.k_proj(x_t), self.v_proj(x_t), f,
+                       self.b_proj(x_t), self.w_proj(x_t), self.g_proj(x_t))  # fmt: skip
+        shape = shape_cls(
+            H=self.num_heads, HV=self.num_v_heads, K=self.head_dim, V=self.head_v_dim,
+            W=self.q_conv1d.kernel_size, scale=self.head_dim**-0.5,
+            b_scale=2.0 if self.allow_neg_eigval else 1.0, norm_eps=self.o_norm.eps,
+            activation=self.output_gate,
+        )  # fmt: skip
+        convs = (self.q_conv1d, self.k_conv1d, self.v_conv1d)
+        o, (cq, ck, cv), S = kernel(
+            tuple(x.astype(dtype) for x in projections),
+            (cache.conv_q, cache.conv_k, cache.conv_v),
+            tuple(c.weight[...] for c in convs),
+            self.A_log[...], self.dt_bias[...], self.o_norm.weight[...], cache.S,
+            shape=shape, interpret=self.interpret,
+        )  # fmt: skip
+        return self.o_proj(o), GDN2Cache(cq, ck, cv, S)

@@ -1,0 +1,97 @@
+"""The fused decoding step (one Pallas kernel per GDN-2 layer, interpret mode on CPU) against the
+unfused step: same outputs and caches, the same greedy tokens, its kernel in the traced program."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from testing import kernel_names, rel_err
+
+from gdn2_jax.generate import generate
+from gdn2_jax.layers import GatedDeltaRule2
+from gdn2_jax.model import CausalLM
+from gdn2_jax.model_config import ModelConfig
+
+FUSED = "gdn2_fused_decode_step"
+SERIAL = "gdn2_recurrent_fwd"
+# float32 on both paths; XLA and the interpreted kernel contract the same products in other
+# orders (e.g. the erase and output sums over K), so they agree to float32 rounding, not bits.
+STEP_TOL = 1e-6
+
+
+def _steps(layer, x, n):
+    """n decoding steps from an empty cache on scaled copies of x -> (outputs [n, B, D], cache)."""
+
+    @jax.jit
+    def run(x):
+        def body(cache, scale):
+            y, cache = layer.step(x * scale, cache)
+            return cache, y
+
+        cache, ys = jax.lax.scan(body, layer.init_cache(x.shape[0]), jnp.linspace(0.5, 2.0, n))
+        return ys, cache
+
+    return run(x)
+
+
+def test_fused_step_equals_unfused_step():
+    """Grouped value heads, b in [0, 2], the sigmoid output gate and conv size 3 (the defaults
+    run in the greedy model test below)."""
+    kw = dict(num_v_heads=4, allow_neg_eigval=True, output_gate="sigmoid", conv_size=3)
+    x = jax.random.normal(jax.random.key(1), (3, 64))
+    fused, unfused = (
+        GatedDeltaRule2(64, 2, 32, decode=mode, interpret=True, rngs=nnx.Rngs(0), **kw)
+        for mode in ("fused", "unfused")
+    )
+    (y_f, cache_f), (y_u, cache_u) = _steps(fused, x, 4), _steps(unfused, x, 4)
+    assert 0.0 < rel_err(y_f, y_u) < STEP_TOL
+    for got, want in zip(cache_f, cache_u, strict=True):
+        assert rel_err(got, want) < STEP_TOL
+    cache = fused.init_cache(3)
+    assert kernel_names(lambda x: fused.step(x, cache), x) == {FUSED: 1}
+    assert kernel_names(lambda x: unfused.step(x, cache), x) == {SERIAL: 1}
+
+
+def _decode_logits(model, token, caches):
+    return model.decode_step(token, caches)[0]
+
+
+def test_fused_decode_gives_the_same_greedy_tokens():
+    """The recurrent tiny model decoding 8 tokens with each step path: identical tokens; the
+    decode loop of the fused model runs one fused kernel per GDN-2 layer and step."""
+    cfg = ModelConfig.preset("tiny", gdn2_interpret=True)
+    prompt = jax.random.randint(jax.random.key(3), (2, 6), 0, cfg.vocab_size)
+    out = {}
+    for mode in ("fused", "unfused"):
+        model = CausalLM(
+            ModelConfig.preset("tiny", gdn2_interpret=True, gdn2_decode=mode), rngs=nnx.Rngs(5)
+        )
+        model.eval()
+        out[mode] = np.asarray(generate(model, prompt, max_new_tokens=8))
+        caches = jax.eval_shape(lambda p, m=model: m.prefill(p, max_len=14)[1], prompt)
+        names = kernel_names(_decode_logits, model, prompt[:, 0], caches)
+        assert names == ({FUSED: 2} if mode == "fused" else {SERIAL: 2})
+    np.testing.assert_array_equal(out["fused"], out["unfused"])
+
+
+def test_fused_decode_says_why_it_cannot_run():
+    x = jnp.ones((2, 64))
+
+    def layer(**kw):
+        return GatedDeltaRule2(64, 2, 32, rngs=nnx.Rngs(0), **kw)
+
+    cache = layer().init_cache(2)
+    if jax.default_backend() != "gpu":
+        with pytest.raises(NotImplementedError, match="needs a GPU"):
+            layer(decode="fused").step(x, cache)
+    with pytest.raises(NotImplementedError, match="gate_mode"):
+        layer(decode="fused", gate_mode="kda", interpret=True).step(x, cache)
+    with pytest.raises(NotImplementedError, match="scan"):
+        layer(decode="fused", recurrent_backend="scan", interpret=True).step(x, cache)
+    auto = layer(gate_mode="kda", interpret=True)
+    assert kernel_names(lambda x: auto.step(x, cache), x) == {SERIAL: 1}, "auto: unfused for kda"
+    with pytest.raises(ValueError, match="decode"):
+        layer(decode="fast")
+    with pytest.raises(ValueError, match="gdn2_decode"):
+        ModelConfig.preset("tiny", gdn2_decode="fast")
