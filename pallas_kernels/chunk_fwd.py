@@ -121,6 +121,12 @@ def _solve_blocks(t, precision):
     """(I + T)⁻¹ as {(i, j): block}: diagonal blocks by substitution, the rest by block
     substitution X_ij = −X_ii Σ_m T_im X_mj at full float32 precision (never a power series)."""
     x = {(i, i): _invert_unit_lower(t[(i, i)]) for i in range(NUM_SUB)}
+    return merge_blocks(t, x, precision)
+
+
+def merge_blocks(t, x, precision):
+    """Completes the inverse `x` (its diagonal blocks given) by block substitution
+    X_ij = −X_ii Σ_m T_im X_mj, one block diagonal after the other."""
     for d in range(1, NUM_SUB):
         for i in range(d, NUM_SUB):
             j = i - d
@@ -137,30 +143,42 @@ def _store_blocks(ref, bh, t0, blocks, dtype):
             ref[bh, pl.ds(t0 + SUB * i, SUB), pl.ds(SUB * j, SUB)] = blk
 
 
+def u_tile(A, v_ref, w_ref, u_ref, bi, h, bh, rows, vs, num):
+    """U = A (w ⊙ v) on the value columns `vs` of one chunk (A = (I + T)⁻¹, loaded)."""
+    z = v_ref[bi, rows, h, vs].astype(F32) * w_ref[bi, rows, h, vs].astype(F32)
+    u_ref[bh, rows, vs] = mm_cast(A, z, num).astype(u_ref.dtype)
+
+
+def key_tiles(A, refs, bi, h, bh, c, ks, *, scale, num):
+    """Y = A Ē, Q_γ = scale·q ⊙ γ and K_tail = k ⊙ exp(G_C − G) on the key columns `ks`."""
+    q_ref, k_ref, b_ref, G_ref, gc_ref, y_ref, qg_ref, kt_ref = refs
+    rows = pl.ds(c * CHUNK, CHUNK)
+    dt = y_ref.dtype
+    G = G_ref[bh, rows, ks]
+    gamma = jnp.exp(G)
+    k = k_ref[bi, rows, h, ks].astype(F32)
+    e = b_ref[bi, rows, h, ks].astype(F32) * k * gamma
+    y_ref[bh, rows, ks] = mm_cast(A, e, num).astype(dt)
+    qg_ref[bh, rows, ks] = (q_ref[bi, rows, h, ks].astype(F32) * (scale * gamma)).astype(dt)
+    kt_ref[bh, rows, ks] = (k * jnp.exp(gc_ref[bh, c, ks][None, :] - G)).astype(dt)
+
+
 def _aux(refs, bi, h, bh, c, *, K, V, scale, block, num):
     """U = A (w ⊙ v), Y = A Ē, Q_γ = scale·q ⊙ γ, K_tail = k ⊙ exp(G_C − G), by column slices."""
     q_ref, k_ref, b_ref, v_ref, w_ref, G_ref, gc_ref, ainv_ref, u_ref, y_ref, qg_ref, kt_ref = refs
     rows = pl.ds(c * CHUNK, CHUNK)
     A = ainv_ref[bh, rows, :]
-    dt = u_ref.dtype
-
     bv, bk = min(block, V), min(block, K)
 
     def v_body(vb, carry):
         vs = pl.ds(pl.multiple_of(vb * bv, bv), bv)
-        z = v_ref[bi, rows, h, vs].astype(F32) * w_ref[bi, rows, h, vs].astype(F32)
-        u_ref[bh, rows, vs] = mm_cast(A, z, num).astype(dt)
+        u_tile(A, v_ref, w_ref, u_ref, bi, h, bh, rows, vs, num)
         return carry
 
     def k_body(kb, carry):
         ks = pl.ds(pl.multiple_of(kb * bk, bk), bk)
-        G = G_ref[bh, rows, ks]
-        gamma = jnp.exp(G)
-        k = k_ref[bi, rows, h, ks].astype(F32)
-        e = b_ref[bi, rows, h, ks].astype(F32) * k * gamma
-        y_ref[bh, rows, ks] = mm_cast(A, e, num).astype(dt)
-        qg_ref[bh, rows, ks] = (q_ref[bi, rows, h, ks].astype(F32) * (scale * gamma)).astype(dt)
-        kt_ref[bh, rows, ks] = (k * jnp.exp(gc_ref[bh, c, ks][None, :] - G)).astype(dt)
+        key_refs = (q_ref, k_ref, b_ref, G_ref, gc_ref, y_ref, qg_ref, kt_ref)
+        key_tiles(A, key_refs, bi, h, bh, c, ks, scale=scale, num=num)
         return carry
 
     jax.lax.fori_loop(0, V // bv, v_body, 0)
@@ -241,13 +259,12 @@ def chunk_intra(q, k, v, g, b, w, *, scale, cfg: ChunkConfig, num: Numerics):
     return {"G": G, "gc": gc, **dict(zip(shapes, outs, strict=True))}
 
 
-def _state_kernel(*refs, H, K, NT, bv, num):
-    seq_ref, first_ref, last_ref, h0_ref, fin0_ref, y_ref, u_ref, qg_ref, kt_ref = refs[:9]
-    aqk_ref, gc_ref, o_ref, fin_ref, *saved = refs[9:]
-    vb, bh = pl.program_id(0), pl.program_id(1)
+def walk_chunks(refs, bh, vs, *, H, K, NT, bv, num, emit):
+    """The serial pass over one (V block, batch·head): per chunk the reset to the initial state
+    where a sequence starts, R = U − Y S, `emit(c, rows, S, Rd)` (Rd: R in the matmul dtype),
+    S ← Diag(γ_C) S + K_tailᵀ R, and the final state where a sequence ends."""
+    seq_ref, first_ref, last_ref, h0_ref, y_ref, u_ref, kt_ref, gc_ref, fin_ref = refs
     bi, h = bh // H, bh % H
-    vs = pl.ds(pl.multiple_of(vb * bv, bv), bv)
-    del fin0_ref  # aliased to fin_ref: slots no chunk finishes keep their zeros
 
     def body(c, S):
         rows = pl.ds(c * CHUNK, CHUNK)
@@ -255,12 +272,7 @@ def _state_kernel(*refs, H, K, NT, bv, num):
         S = jax.lax.cond(first_ref[c] != 0, lambda: h0_ref[slot, bi, h, :, vs], lambda: S)
         R = u_ref[bh, rows, vs].astype(F32) - mm_cast(y_ref[bh, rows, :], S, num)
         Rd = R.astype(num.mm_dtype)
-        o = mm_cast(qg_ref[bh, rows, :], S, num) + mm_cast(aqk_ref[bh, rows, :], Rd, num)
-        o_ref[bi, rows, h, vs] = o.astype(o_ref.dtype)
-        if saved:
-            s0_ref, r_ref = saved
-            s0_ref[bh, c, :, vs] = S.astype(s0_ref.dtype)
-            r_ref[bh, rows, vs] = Rd
+        emit(c, rows, S, Rd)
         S = jnp.exp(gc_ref[bh, c, :])[:, None] * S + mm_cast(kt_ref[bh, rows, :], Rd, num, ta=True)
 
         @pl.when(last_ref[c] != 0)
@@ -270,6 +282,26 @@ def _state_kernel(*refs, H, K, NT, bv, num):
         return S
 
     jax.lax.fori_loop(0, NT, body, jnp.zeros((K, bv), F32))
+
+
+def _state_kernel(*refs, H, K, NT, bv, num):
+    seq_ref, first_ref, last_ref, h0_ref, fin0_ref, y_ref, u_ref, qg_ref, kt_ref = refs[:9]
+    aqk_ref, gc_ref, o_ref, fin_ref, *saved = refs[9:]
+    vb, bh = pl.program_id(0), pl.program_id(1)
+    bi, h = bh // H, bh % H
+    vs = pl.ds(pl.multiple_of(vb * bv, bv), bv)
+    del fin0_ref  # aliased to fin_ref: slots no chunk finishes keep their zeros
+
+    def emit(c, rows, S, Rd):
+        o = mm_cast(qg_ref[bh, rows, :], S, num) + mm_cast(aqk_ref[bh, rows, :], Rd, num)
+        o_ref[bi, rows, h, vs] = o.astype(o_ref.dtype)
+        if saved:
+            s0_ref, r_ref = saved
+            s0_ref[bh, c, :, vs] = S.astype(s0_ref.dtype)
+            r_ref[bh, rows, vs] = Rd
+
+    walk_refs = (seq_ref, first_ref, last_ref, h0_ref, y_ref, u_ref, kt_ref, gc_ref, fin_ref)
+    walk_chunks(walk_refs, bh, vs, H=H, K=K, NT=NT, bv=bv, num=num, emit=emit)
 
 
 def chunk_state(intra, h0s, segments, out_dtype, *, cfg: ChunkConfig, num: Numerics, save):

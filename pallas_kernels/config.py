@@ -24,6 +24,10 @@ MAX_STATE_TILE = 128 * 64
 MIN_TILE = 16
 WARPS = (1, 2, 4, 8, 16)
 SOLVE_CHOICES = ("float32", "tf32x3", "tf32")
+# How the forward is cut into launches (pallas_kernels/README.md): "fused" builds everything that
+# does not depend on the state in one program per (chunk, head) and emits the output inside the
+# state pass; "split" separates the solve from the WY apply and the output from the state pass.
+STRUCTURES = ("fused", "split")
 MAX_STAGES = 8
 
 
@@ -98,6 +102,12 @@ class ChunkConfig:
     intra_bwd: Launch = Launch(num_warps=4, num_stages=1)
     intra_bwd_diag_block_k: int = 16  # K tile (grid axis) of its diagonal pairwise tiles
     intra_bwd_diag: Launch = Launch(num_warps=2, num_stages=1)  # its diagonal 16x16 blocks
+    # The forward's launch structure (STRUCTURES). Under "split", `intra` launches the scores and
+    # the solve alone, `aux_block` tiles the WY apply's columns and `state` the state-only pass.
+    structure: str = "fused"
+    wy_apply: Launch = Launch(num_warps=4, num_stages=2)  # U, Y, Q_γ, K_tail per column tile
+    output_block_v: int = 64  # V columns per program of the output launch
+    output: Launch = Launch(num_warps=4, num_stages=2)
 
     # Which dimension each tile splits (aux_block slices both).
     TILED = (
@@ -110,6 +120,7 @@ class ChunkConfig:
         ("intra_bwd_diag_block_k", "K"),
         ("aux_block", "K"),
         ("aux_block", "V"),
+        ("output_block_v", "V"),
     )
 
     def __post_init__(self):
@@ -117,6 +128,10 @@ class ChunkConfig:
         if self.solve not in SOLVE_CHOICES:
             raise ValueError(
                 f"ChunkConfig.solve must be one of {SOLVE_CHOICES}, got {self.solve!r}"
+            )
+        if self.structure not in STRUCTURES:
+            raise ValueError(
+                f"ChunkConfig.structure must be one of {STRUCTURES}, got {self.structure!r}"
             )
 
     def check_dims(self, K: int, V: int) -> None:
