@@ -106,6 +106,7 @@ def _core_bwd(scale, chunk_size, cfg, interpret, residuals, cotangents):
 pallas_chunk_core.defvjp(_core_fwd, _core_bwd)
 
 
-def chunk_core(q, k, v, g, b, w, h0s, segments, scale, chunk_size, *, interpret):
-    """The op's registration point (`gdn2_jax.ops.core.pallas_chunk`), default tiles."""
-    return pallas_chunk_core(q, k, v, g, b, w, h0s, segments, scale, chunk_size, None, interpret)
+def chunk_core(q, k, v, g, b, w, h0s, segments, scale, chunk_size, *, interpret, cfg=None):
+    """The op's registration point (`gdn2_jax.ops.core.pallas_chunk`): the tuned defaults, or
+    `cfg` where a test or benchmark binds another ChunkConfig."""
+    return pallas_chunk_core(q, k, v, g, b, w, h0s, segments, scale, chunk_size, cfg, interpret)
