@@ -8,9 +8,9 @@ w and h0s through a custom_vjp. `interpret=True` runs every kernel in Pallas int
 
 Forward (`ChunkConfig.structure`): "fused" is 3 launches (diagonal blocks, intra-chunk, state pass
 with the output), "split" 5 (diagonal blocks, solve, WY apply, state pass, output; see
-`chunk_fwd_split`). Under differentiation the forward also stores each chunk's S₀ and R, so the
-backward needs no recompute: 4 launches (reverse state pass, gate-aware WY VJP, the intra-chunk
-VJP's diagonal blocks and the rest).
+`chunk_fwd_split`), "split_prep" / "split_output" one of the two splits. Under differentiation
+the forward also stores each chunk's S₀ and R, so the backward needs no recompute: 4 launches
+(reverse state pass, gate-aware WY VJP, the intra-chunk VJP's diagonal blocks and the rest).
 """
 
 import functools
@@ -48,8 +48,10 @@ def _numerics(q, v, g, chunk_size, cfg, interpret):
 
 
 # ChunkConfig.structure -> (the state-independent launches, the state pass and output).
-_FORWARDS = {
+FORWARDS = {
     "fused": (chunk_intra, chunk_state),
+    "split_prep": (chunk_intra_split, chunk_state),
+    "split_output": (chunk_intra, chunk_state_split),
     "split": (chunk_intra_split, chunk_state_split),
 }
 
@@ -63,7 +65,7 @@ def _cast_inputs(q, k, v, g, b, w):
 def _forward(q, k, v, g, b, w, h0s, segments, scale, chunk_size, cfg, interpret, save):
     num, cfg = _numerics(q, v, g, chunk_size, cfg, interpret)
     q, k, v, g, b, w = _cast_inputs(q, k, v, g, b, w)
-    prep, state = _FORWARDS[cfg.structure]
+    prep, state = FORWARDS[cfg.structure]
     intra = prep(q, k, v, g, b, w, scale=scale, cfg=cfg, num=num)
     outs = state(intra, h0s, segments, q.dtype, cfg=cfg, num=num, save=save)
     return intra, outs

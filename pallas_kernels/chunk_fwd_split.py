@@ -88,7 +88,8 @@ def _wy_kernel(*refs, H, K, V, scale, block, num):
         key_tiles(A, key_refs, bi, h, bh, c, ks, scale=scale, num=num)
 
 
-def _solve(q, k, b, G, diag, *, scale, cfg: ChunkConfig, num: Numerics):
+def chunk_solve(q, k, b, G, diag, *, scale, cfg: ChunkConfig, num: Numerics):
+    """A_qk and (I + T)⁻¹ [BH, Tp, 64] in the matmul dtype from the diagonal blocks `diag`."""
     B, Tp, H, K = q.shape
     block = jax.ShapeDtypeStruct((B * H, Tp, CHUNK), num.mm_dtype)
     kernel = functools.partial(_solve_kernel, H=H, K=K, scale=scale, cfg=cfg, num=num)
@@ -102,7 +103,8 @@ def _solve(q, k, b, G, diag, *, scale, cfg: ChunkConfig, num: Numerics):
     )(q, k, b, G, *diag)
 
 
-def _wy_apply(q, k, v, b, w, G, gc, ainv, *, scale, cfg: ChunkConfig, num: Numerics):
+def chunk_wy_apply(q, k, v, b, w, G, gc, ainv, *, scale, cfg: ChunkConfig, num: Numerics):
+    """U [BH, Tp, V], Y, Q_γ, K_tail [BH, Tp, K] in the matmul dtype."""
     B, Tp, H, K = q.shape
     V = v.shape[-1]
     dt = num.mm_dtype
@@ -125,8 +127,8 @@ def chunk_intra_split(q, k, v, g, b, w, *, scale, cfg: ChunkConfig, num: Numeric
     """`chunk_fwd.chunk_intra`'s dict (G, gc, aqk, ainv, u, y, qg, kt) from four launches."""
     G, gc = chunk_cumsum(g)
     diag = chunk_diag(q, k, b, G, scale=scale, cfg=cfg, num=num)
-    aqk, ainv = _solve(q, k, b, G, diag, scale=scale, cfg=cfg, num=num)
-    u, y, qg, kt = _wy_apply(q, k, v, b, w, G, gc, ainv, scale=scale, cfg=cfg, num=num)
+    aqk, ainv = chunk_solve(q, k, b, G, diag, scale=scale, cfg=cfg, num=num)
+    u, y, qg, kt = chunk_wy_apply(q, k, v, b, w, G, gc, ainv, scale=scale, cfg=cfg, num=num)
     return {"G": G, "gc": gc, "aqk": aqk, "ainv": ainv, "u": u, "y": y, "qg": qg, "kt": kt}
 
 
@@ -159,7 +161,8 @@ def _output_kernel(*refs, H, bv, num):
         r_ref[0][bh, rows, vs] = Rd
 
 
-def _states(intra, h0s, segments, *, cfg: ChunkConfig, num: Numerics):
+def chunk_states(intra, h0s, segments, *, cfg: ChunkConfig, num: Numerics):
+    """The state-only pass: finals [N+1, B, H, K, V] f32 and s0 [BH, NT, K, V] (matmul dtype)."""
     _, _, H, K, V = h0s.shape
     BH, Tp, _ = intra["u"].shape
     NT = Tp // CHUNK
@@ -187,17 +190,15 @@ def _states(intra, h0s, segments, *, cfg: ChunkConfig, num: Numerics):
     )
 
 
-def chunk_state_split(intra, h0s, segments, out_dtype, *, cfg: ChunkConfig, num: Numerics, save):
-    """`chunk_fwd.chunk_state`'s results (o, finals and, with `save`, s0 and R) from a state-only
-    pass and an output launch parallel over chunks."""
-    _, B, H, _, V = h0s.shape
-    BH, Tp, _ = intra["u"].shape
-    finals, s0 = _states(intra, h0s, segments, cfg=cfg, num=num)
+def chunk_output(intra, s0, H, out_dtype, *, cfg: ChunkConfig, num: Numerics, save):
+    """o [B, Tp, H, V] from each chunk's stored S₀; with `save` also R [BH, Tp, V]."""
+    BH, Tp, V = intra["u"].shape
+    B = BH // H
     bv = min(cfg.output_block_v, V)
     out_shape = [jax.ShapeDtypeStruct((B, Tp, H, V), out_dtype)]
     if save:
         out_shape.append(jax.ShapeDtypeStruct((BH, Tp, V), num.mm_dtype))
-    outs = pl.pallas_call(
+    return pl.pallas_call(
         functools.partial(_output_kernel, H=H, bv=bv, num=num),
         out_shape=out_shape,
         grid=(Tp // CHUNK, BH, V // bv),
@@ -205,6 +206,13 @@ def chunk_state_split(intra, h0s, segments, out_dtype, *, cfg: ChunkConfig, num:
         interpret=num.interpret,
         name="gdn2_chunk_fwd_output" + ("_save" if save else ""),
     )(s0, *(intra[n] for n in ("y", "u", "qg", "aqk")))
+
+
+def chunk_state_split(intra, h0s, segments, out_dtype, *, cfg: ChunkConfig, num: Numerics, save):
+    """`chunk_fwd.chunk_state`'s results (o, finals and, with `save`, s0 and R) from a state-only
+    pass and an output launch parallel over chunks."""
+    finals, s0 = chunk_states(intra, h0s, segments, cfg=cfg, num=num)
+    outs = chunk_output(intra, s0, h0s.shape[2], out_dtype, cfg=cfg, num=num, save=save)
     if save:
         return outs[0], finals, s0, outs[1]
     return outs[0], finals

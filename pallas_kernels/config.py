@@ -26,8 +26,9 @@ WARPS = (1, 2, 4, 8, 16)
 SOLVE_CHOICES = ("float32", "tf32x3", "tf32")
 # How the forward is cut into launches (pallas_kernels/README.md): "fused" builds everything that
 # does not depend on the state in one program per (chunk, head) and emits the output inside the
-# state pass; "split" separates the solve from the WY apply and the output from the state pass.
-STRUCTURES = ("fused", "split")
+# state pass; "split" separates the solve from the WY apply and the output from the state pass;
+# "split_prep" and "split_output" do one of the two, so each split can be timed alone.
+STRUCTURES = ("fused", "split_prep", "split_output", "split")
 MAX_STAGES = 8
 
 
@@ -102,8 +103,9 @@ class ChunkConfig:
     intra_bwd: Launch = Launch(num_warps=4, num_stages=1)
     intra_bwd_diag_block_k: int = 16  # K tile (grid axis) of its diagonal pairwise tiles
     intra_bwd_diag: Launch = Launch(num_warps=2, num_stages=1)  # its diagonal 16x16 blocks
-    # The forward's launch structure (STRUCTURES). Under "split", `intra` launches the scores and
-    # the solve alone, `aux_block` tiles the WY apply's columns and `state` the state-only pass.
+    # The forward's launch structure (STRUCTURES). With the prep split, `intra` launches the
+    # scores and the solve alone and `aux_block` tiles the WY apply's columns; with the output
+    # split, `state` launches the state-only pass.
     structure: str = "fused"
     wy_apply: Launch = Launch(num_warps=4, num_stages=2)  # U, Y, Q_γ, K_tail per column tile
     output_block_v: int = 64  # V columns per program of the output launch

@@ -182,6 +182,8 @@ def test_shared_suite_subclass_runs_the_kernels():
         (lambda: ChunkConfig(state_block_v=48), "ChunkConfig.state_block_v"),
         (lambda: ChunkConfig(aux_block=8), "ChunkConfig.aux_block"),
         (lambda: ChunkConfig(wy_block_v=0), "ChunkConfig.wy_block_v"),
+        (lambda: ChunkConfig(structure="fast"), "ChunkConfig.structure"),
+        (lambda: ChunkConfig(output_block_v=24), "ChunkConfig.output_block_v"),
         (lambda: RecurrentConfig(block_v=24), "RecurrentConfig.block_v"),
         (lambda: Launch(num_warps=3), "Launch.num_warps"),
         (lambda: Launch(num_stages=0), "Launch.num_stages"),
