@@ -51,7 +51,12 @@ SPLIT_PARTS = ("fwd solve", "fwd wy", "fwd states", "fwd output+save")
 
 # Per stage: the config fields it reads, and values to try for them.
 SWEEP = {
-    "fwd diag": [{"diag": Launch(w, s)} for w, s in [(1, 1), (4, 1), (2, 2), (2, 3), (4, 3)]],
+    "fwd diag": [
+        {"diag": Launch(w, s), "diag_store": store}
+        for store in ("tile", "columns")
+        for w, s in [(1, 1), (4, 1), (2, 2), (2, 3), (4, 3)]
+    ]
+    + [{"diag_store": "columns"}],
     "fwd solve": [
         {"intra": Launch(w, 1), "intra_block_k": bk} for w, bk in [(4, 32), (1, 32), (2, 64)]
     ]

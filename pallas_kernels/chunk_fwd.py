@@ -20,6 +20,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.common import F32, Numerics, barrier, compiler_params, iota, mm, mm_cast, row
 from pallas_kernels.config import CHUNK, NUM_SUB, SUB, ChunkConfig, state_tile_v
@@ -68,10 +69,12 @@ def _offdiag_scores(q_ref, k_ref, b_ref, G_ref, bi, h, bh, t0, *, K, bk, scale, 
     return dict(zip(_PAIRS, a_blocks, strict=True)), dict(zip(_PAIRS, t_blocks, strict=True))
 
 
-def _diag_scores(q_ref, k_ref, b_ref, G_ref, bi, h, bh, r0, *, K, scale, precision):
+def _diag_scores(q_ref, k_ref, b_ref, G_ref, bi, h, bh, r0, *, K, scale, precision, put=None):
     """A diagonal 16×16 block. Its lower-left 8×8 quadrant is one factored product through the
     boundary n = r0 + 8 (both exponents ≤ 0, as off the diagonal); the two diagonal 8×8
-    quadrants go column by column, columns j and j + 8 in one step, masked before the exp."""
+    quadrants go column by column, columns j and j + 8 in one step, masked before the exp.
+    Each step's columns go into the returned tiles, or with `put` to put(j, a_col, t_col)
+    (rows < 8 are column j, the rest column j + 8), and the tiles hold only the quadrant."""
     rows = pl.ds(r0, SUB)
     q = q_ref[bi, rows, h, :].astype(F32) * scale
     k = k_ref[bi, rows, h, :].astype(F32)
@@ -98,6 +101,9 @@ def _diag_scores(q_ref, k_ref, b_ref, G_ref, bi, h, bh, r0, *, K, scale, precisi
         c = j + shift_1
         a_col = jnp.sum(q * kE, axis=1)
         t_col = jnp.where(r_1 > c, jnp.sum(bk * kE, axis=1), 0.0)
+        if put is not None:
+            put(j, a_col, t_col)
+            return carry
         here = col == c[:, None]
         return jnp.where(here, a_col[:, None], a_d), jnp.where(here, t_col[:, None], t_d)
 
@@ -185,20 +191,43 @@ def _aux(refs, bi, h, bh, c, *, K, V, scale, block, num):
     jax.lax.fori_loop(0, K // bk, k_body, 0)
 
 
-def _diag_kernel(q_ref, k_ref, b_ref, G_ref, a_ref, t_ref, *, H, K, scale, precision):
+def _diag_kernel(q_ref, k_ref, b_ref, G_ref, a_ref, t_ref, *, H, K, scale, precision, columns):
     s, bh = pl.program_id(0), pl.program_id(1)
     r0 = s * SUB
-    a_d, t_d = _diag_scores(
-        q_ref, k_ref, b_ref, G_ref, bh // H, bh % H, bh, r0, K=K, scale=scale, precision=precision
-    )
-    a_ref[bh, pl.ds(r0, SUB), :] = a_d
-    t_ref[bh, pl.ds(r0, SUB), :] = t_d
+    rows = pl.ds(r0, SUB)
+    put = None
+    if columns:
+        upper = iota((SUB,), 0) < HALF
+
+        def put(j, a_col, t_col):
+            for ref, x in ((a_ref, a_col), (t_ref, t_col)):
+                pltriton.store(ref.at[bh, rows, j], x, mask=upper)
+                pltriton.store(ref.at[bh, rows, j + HALF], x, mask=~upper)
+
+    score_refs = (q_ref, k_ref, b_ref, G_ref, bh // H, bh % H, bh)
+    a_d, t_d = _diag_scores(*score_refs, r0, K=K, scale=scale, precision=precision, put=put)
+    if columns:
+        # Only the off-diagonal quadrants: the diagonal ones are the columns already stored.
+        r, c = iota((SUB, SUB), 0), iota((SUB, SUB), 1)
+        off_diagonal = (r < HALF) != (c < HALF)
+        pltriton.store(a_ref.at[bh, rows, :], a_d, mask=off_diagonal)
+        pltriton.store(t_ref.at[bh, rows, :], t_d, mask=off_diagonal)
+    else:
+        a_ref[bh, rows, :] = a_d
+        t_ref[bh, rows, :] = t_d
 
 
 def chunk_diag(q, k, b, G, *, scale, cfg: ChunkConfig, num: Numerics):
     """The diagonal 16×16 blocks of A_qk (j ≤ r) and T (j < r), float32 [BH, Tp, 16] each."""
     B, Tp, H, K = q.shape
-    kernel = functools.partial(_diag_kernel, H=H, K=K, scale=scale, precision=num.score_precision)
+    kernel = functools.partial(
+        _diag_kernel,
+        H=H,
+        K=K,
+        scale=scale,
+        precision=num.score_precision,
+        columns=cfg.diag_store == "columns",
+    )
     block = jax.ShapeDtypeStruct((B * H, Tp, SUB), F32)
     return pl.pallas_call(
         kernel,

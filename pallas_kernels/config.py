@@ -29,6 +29,14 @@ SOLVE_CHOICES = ("float32", "tf32x3", "tf32")
 # state pass; "split" separates the solve from the WY apply and the output from the state pass;
 # "split_prep" and "split_output" do one of the two, so each split can be timed alone.
 STRUCTURES = ("fused", "split_prep", "split_output", "split")
+# How the forward diagonal launch writes a block's column-loop results: "tile" assembles the
+# block in registers (a [16, 16] select per column) and stores it once; "columns" stores each
+# column straight to memory, as it is computed.
+DIAG_STORES = ("tile", "columns")
+# How the split solve inverts T's diagonal 16x16 blocks: "substitution" row by row on the CUDA
+# cores, "doubling" as four levels of two [16, 16] matmuls (exact, on the tensor cores where the
+# solve precision allows).
+DIAG_INVERSES = ("substitution", "doubling")
 MAX_STAGES = 8
 
 
@@ -91,6 +99,7 @@ class ChunkConfig:
     intra: Launch = Launch(num_warps=2, num_stages=1)
     solve: str = "float32"  # precision of the triangular solve's block merges: SOLVE_CHOICES
     diag: Launch = Launch(num_warps=2, num_stages=1)  # the forward's diagonal 16x16 blocks
+    diag_store: str = "tile"  # DIAG_STORES
     state_block_v: int = 64  # V columns of the carried state per program (forward state pass)
     state: Launch = Launch(num_warps=4, num_stages=2)
     dstate_block_v: int = 64  # V columns of the carried state gradient (reverse state pass)
@@ -107,6 +116,7 @@ class ChunkConfig:
     # scores and the solve alone and `aux_block` tiles the WY apply's columns; with the output
     # split, `state` launches the state-only pass.
     structure: str = "fused"
+    diag_inverse: str = "substitution"  # DIAG_INVERSES (the split solve launch)
     wy_apply: Launch = Launch(num_warps=4, num_stages=2)  # U, Y, Q_γ, K_tail per column tile
     output_block_v: int = 64  # V columns per program of the output launch
     output: Launch = Launch(num_warps=4, num_stages=2)
@@ -127,14 +137,15 @@ class ChunkConfig:
 
     def __post_init__(self):
         _check_tiles(self)
-        if self.solve not in SOLVE_CHOICES:
-            raise ValueError(
-                f"ChunkConfig.solve must be one of {SOLVE_CHOICES}, got {self.solve!r}"
-            )
-        if self.structure not in STRUCTURES:
-            raise ValueError(
-                f"ChunkConfig.structure must be one of {STRUCTURES}, got {self.structure!r}"
-            )
+        for name, choices in (
+            ("solve", SOLVE_CHOICES),
+            ("diag_store", DIAG_STORES),
+            ("diag_inverse", DIAG_INVERSES),
+            ("structure", STRUCTURES),
+        ):
+            value = getattr(self, name)
+            if value not in choices:
+                raise ValueError(f"ChunkConfig.{name} must be one of {choices}, got {value!r}")
 
     def check_dims(self, K: int, V: int) -> None:
         _check_divides(self, self.TILED, {"K": K, "V": V})

@@ -183,6 +183,8 @@ def test_shared_suite_subclass_runs_the_kernels():
         (lambda: ChunkConfig(aux_block=8), "ChunkConfig.aux_block"),
         (lambda: ChunkConfig(wy_block_v=0), "ChunkConfig.wy_block_v"),
         (lambda: ChunkConfig(structure="fast"), "ChunkConfig.structure"),
+        (lambda: ChunkConfig(diag_store="rows"), "ChunkConfig.diag_store"),
+        (lambda: ChunkConfig(diag_inverse="neumann"), "ChunkConfig.diag_inverse"),
         (lambda: ChunkConfig(output_block_v=24), "ChunkConfig.output_block_v"),
         (lambda: RecurrentConfig(block_v=24), "RecurrentConfig.block_v"),
         (lambda: Launch(num_warps=3), "Launch.num_warps"),

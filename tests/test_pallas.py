@@ -177,9 +177,12 @@ def test_chunk_core_under_other_tiles_matches_xla_core():
 
 
 def test_split_structure_on_packed_sequences_matches_xla_core():
-    """The split forward's five launches (and the shared backward) with 16-wide tiles, three
-    sequences packed in one row: one chunk, an empty one, two chunks."""
-    cfg = dataclasses.replace(SMALL_TILES, structure="split")
+    """The split forward's five launches (and the shared backward) with 16-wide tiles, the
+    diagonal launch storing its columns and the diagonal inverses by doubling; three sequences
+    packed in one row: one chunk, an empty one, two chunks."""
+    cfg = dataclasses.replace(
+        SMALL_TILES, structure="split", diag_store="columns", diag_inverse="doubling"
+    )
     shape = Shape(B=1, T=192, H=2, K=32, V=32)
     _assert_core_matches_xla_core(cfg, shape, seed=45, chunk_bounds=(0, 1, 1, 3))
 
