@@ -60,7 +60,12 @@ SWEEP = {
     "fwd solve": [
         {"intra": Launch(w, 1), "intra_block_k": bk} for w, bk in [(4, 32), (1, 32), (2, 64)]
     ]
-    + [{"solve": "tf32"}],
+    + [
+        {"solve": "tf32"},
+        {"diag_inverse": "doubling"},
+        {"diag_inverse": "doubling", "solve": "tf32x3"},
+        {"diag_inverse": "doubling", "solve": "tf32"},
+    ],
     "fwd wy": [
         {"wy_apply": Launch(w, s), "aux_block": bk}
         for w, s, bk in [(4, 1, 64), (4, 3, 64), (8, 2, 64), (2, 2, 64), (4, 2, 32), (4, 2, 128)]

@@ -60,6 +60,11 @@ SPLIT_FORWARD = {
 }
 
 
+def bind_chunk_config(monkeypatch, cfg):
+    """Runs the op's backend="pallas" chunk kernels under `cfg` for the rest of the test."""
+    monkeypatch.setattr(pallas_kernels, "chunk_core", functools.partial(chunk_core, cfg=cfg))
+
+
 class TestPallasSplitBackend(TestPallasBackend):
     """The shared suite on `ChunkConfig(structure="split")`, bound into the op's registration
     point. Only the cases that load every forward launch differently (extreme gates down to
@@ -70,8 +75,7 @@ class TestPallasSplitBackend(TestPallasBackend):
 
     @pytest.fixture(autouse=True)
     def _split_core(self, monkeypatch):
-        split = dataclasses.replace(DEFAULT_CHUNK_CONFIG, structure="split")
-        monkeypatch.setattr(pallas_kernels, "chunk_core", functools.partial(chunk_core, cfg=split))
+        bind_chunk_config(monkeypatch, dataclasses.replace(DEFAULT_CHUNK_CONFIG, structure="split"))
 
     test_matches_fla_naive = None
     test_strong_decay_whole_chunk = None
