@@ -294,6 +294,7 @@ def main():
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--sweep", nargs="*", choices=sorted(SWEEP), help="stages (default all)")
     parser.add_argument("--structures", nargs="+", default=["fused"], choices=STRUCTURES)
+    parser.add_argument("--no-fla", action="store_true", help="skip fla (its autotuning)")
     args = parser.parse_args()
     for shape in args.shapes:
         case = Case(*map(int, shape.split("x")), dtype=args.dtype)
@@ -302,7 +303,7 @@ def main():
             it = time_structure(case, structure, args.iters)
             if args.sweep is not None:
                 sweep(case, it, args.iters, args.sweep or list(SWEEP), structure)
-        if fla_available():
+        if fla_available() and not args.no_fla:
             times = fla_kernel_times(case)
             for name, ms in sorted(times.items(), key=lambda kv: -kv[1]):
                 print(f"  fla {ms:8.3f} ms  {name[:90]}")

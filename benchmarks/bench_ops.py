@@ -193,6 +193,7 @@ def parse_args():
     parser.add_argument(
         "--structures", nargs="*", default=[], choices=STRUCTURES, help="pallas core rows"
     )
+    parser.add_argument("--no-fla", action="store_true", help="skip fla (its autotuning)")
     return parser.parse_args()
 
 
@@ -268,7 +269,12 @@ def main():
             for s in args.shapes
         ]
     rows = benchmark(
-        cases, args.backends, warmup=args.warmup, iters=args.iters, structures=args.structures
+        cases,
+        args.backends,
+        warmup=args.warmup,
+        iters=args.iters,
+        with_fla=False if args.no_fla else None,
+        structures=args.structures,
     )
     print(format_table(rows))
 
