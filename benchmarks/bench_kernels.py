@@ -135,12 +135,15 @@ def base_config(case: Case, structure: str) -> ChunkConfig:
     return dataclasses.replace(default_chunk_config(jnp.dtype(case.dtype)), structure=structure)
 
 
-def intermediates(case: Case, structure: str) -> Intermediates:
-    """Every launch's inputs, produced by the default-config launches before it."""
+def intermediates(case: Case, structure: str, forward_only=False) -> Intermediates:
+    """Every launch's inputs, produced by the default-config launches before it (with
+    `forward_only`, the forward launches' only)."""
     it = op_inputs(case)
     fns = stage_fns(case, base_config(case, structure))
     it.intra = fns["fwd intra"](it)
     o, finals, *it.saved = fns["fwd state+save"](it)
+    if forward_only:
+        return it
     it.do, it.dfinals = jnp.ones_like(o), jnp.ones_like(finals)
     dsc, dr, _ = fns["bwd dstate"](it)
     it.dstate = (dsc, dr)
@@ -271,11 +274,14 @@ def sweep(case: Case, it: Intermediates, iters, stages, structure):
                 print(f"  sweep {stage:<16}   failed   {label}: {str(err)[:120]}", flush=True)
 
 
-def time_structure(case: Case, structure: str, iters: int) -> Intermediates:
-    """Prints every stage's time under `structure`; returns the intermediates it ran on."""
-    it = intermediates(case, structure)
+def time_structure(case: Case, structure: str, iters: int, forward_only=False) -> Intermediates:
+    """Prints every stage's time under `structure` (the forward's only, with `forward_only`);
+    returns the intermediates it ran on."""
+    it = intermediates(case, structure, forward_only)
     fns = stage_fns(case, base_config(case, structure))
     stages = STAGES + split_parts(structure)
+    if forward_only:
+        stages = tuple(n for n in stages if n.startswith("fwd"))
     totals = {"fwd": 0.0, "fwd(save)+bwd": 0.0}
     for name in stages:
         ms = time_stage(fns[name], it, iters)
@@ -283,7 +289,8 @@ def time_structure(case: Case, structure: str, iters: int) -> Intermediates:
         totals["fwd(save)+bwd"] += 0.0 if name in PARTS + SPLIT_PARTS else ms
         print(f"  pallas[{structure}] {name:<16} {ms:8.3f} ms", flush=True)
     for name, ms in totals.items():
-        print(f"  pallas[{structure}] {name} kernels {ms:8.3f} ms", flush=True)
+        if name == "fwd" or not forward_only:
+            print(f"  pallas[{structure}] {name} kernels {ms:8.3f} ms", flush=True)
     return it
 
 
@@ -295,14 +302,18 @@ def main():
     parser.add_argument("--sweep", nargs="*", choices=sorted(SWEEP), help="stages (default all)")
     parser.add_argument("--structures", nargs="+", default=["fused"], choices=STRUCTURES)
     parser.add_argument("--no-fla", action="store_true", help="skip fla (its autotuning)")
+    parser.add_argument("--forward", action="store_true", help="only the forward's launches")
     args = parser.parse_args()
     for shape in args.shapes:
         case = Case(*map(int, shape.split("x")), dtype=args.dtype)
         print(f"\n{case.label}", flush=True)
         for structure in args.structures:
-            it = time_structure(case, structure, args.iters)
+            it = time_structure(case, structure, args.iters, args.forward)
             if args.sweep is not None:
-                sweep(case, it, args.iters, args.sweep or list(SWEEP), structure)
+                stages = args.sweep or list(SWEEP)
+                if args.forward:
+                    stages = [n for n in stages if n.startswith("fwd")]
+                sweep(case, it, args.iters, stages, structure)
         if fla_available() and not args.no_fla:
             times = fla_kernel_times(case)
             for name, ms in sorted(times.items(), key=lambda kv: -kv[1]):
