@@ -119,6 +119,7 @@ class Intermediates:
     dfinals: jax.Array | None = None
     dstate: tuple | None = None
     wy: tuple | None = None
+    diag: tuple | None = None  # the diagonal launch's blocks, for the split solve alone
 
 
 def op_inputs(case: Case) -> Intermediates:
@@ -135,12 +136,13 @@ def base_config(case: Case, structure: str) -> ChunkConfig:
     return dataclasses.replace(default_chunk_config(jnp.dtype(case.dtype)), structure=structure)
 
 
-def intermediates(case: Case, structure: str, forward_only=False) -> Intermediates:
+def intermediates(case: Case, structure: str, forward_only=False, fns=None) -> Intermediates:
     """Every launch's inputs, produced by the default-config launches before it (with
-    `forward_only`, the forward launches' only)."""
+    `forward_only`, the forward launches' only); `fns`: those launches' `stage_fns`, if built."""
     it = op_inputs(case)
-    fns = stage_fns(case, base_config(case, structure))
+    fns = fns or stage_fns(case, base_config(case, structure))
     it.intra = fns["fwd intra"](it)
+    it.diag = fns["fwd diag"](it)
     o, finals, *it.saved = fns["fwd state+save"](it)
     if forward_only:
         return it
@@ -174,9 +176,9 @@ def stage_fns(case: Case, cfg: ChunkConfig):
         return state_pass(i, h0s, seg, dtype, **kw, save=save)
 
     @jax.jit
-    def solve(inputs, G):
+    def solve(inputs, G, diag):
         q, k, _, _, b, _ = inputs
-        return chunk_solve(q, k, b, G, chunk_diag(q, k, b, G, scale=scale, **kw), scale=scale, **kw)
+        return chunk_solve(q, k, b, G, diag, scale=scale, **kw)
 
     @jax.jit
     def wy_apply(inputs, i):
@@ -213,7 +215,7 @@ def stage_fns(case: Case, cfg: ChunkConfig):
         "bwd dstate": lambda it: dstate(it.intra, it.saved, it.segments, it.do, it.dfinals),
         "bwd wy": lambda it: wy(it.inputs, it.intra, it.do, it.saved, it.dstate),
         "bwd intra": lambda it: intra_bwd(it.inputs, it.intra["G"], it.wy),
-        "fwd solve": lambda it: solve(it.inputs, it.intra["G"]),
+        "fwd solve": lambda it: solve(it.inputs, it.intra["G"], it.diag),
         "fwd wy": lambda it: wy_apply(it.inputs, it.intra),
         "fwd states": lambda it: states(it.intra, it.h0s, it.segments),
         "fwd output+save": lambda it: output(it.intra, it.saved[0]),
@@ -277,8 +279,8 @@ def sweep(case: Case, it: Intermediates, iters, stages, structure):
 def time_structure(case: Case, structure: str, iters: int, forward_only=False) -> Intermediates:
     """Prints every stage's time under `structure` (the forward's only, with `forward_only`);
     returns the intermediates it ran on."""
-    it = intermediates(case, structure, forward_only)
     fns = stage_fns(case, base_config(case, structure))
+    it = intermediates(case, structure, forward_only, fns)
     stages = STAGES + split_parts(structure)
     if forward_only:
         stages = tuple(n for n in stages if n.startswith("fwd"))
