@@ -212,8 +212,10 @@ def chunk_states(intra, h0s, segments, *, cfg: ChunkConfig, num: Numerics):
 def chunk_output(intra, s0, H, out_dtype, *, cfg: ChunkConfig, num: Numerics, save):
     """o [B, Tp, H, V] from each chunk's stored S₀; with `save` also R [BH, Tp, V]."""
     BH, Tp, V = intra["u"].shape
-    B = BH // H
-    bv = min(cfg.output_block_v, V)
+    B, K = BH // H, intra["y"].shape[-1]
+    # The same clip as the state pass's tile: at K = 256 a [K, 64] S₀ tile and its [64, K]
+    # operands would not fit the shared memory of one program in float32.
+    bv = state_tile_v(cfg.output_block_v, K, V)
     out_shape = [jax.ShapeDtypeStruct((B, Tp, H, V), out_dtype)]
     if save:
         out_shape.append(jax.ShapeDtypeStruct((BH, Tp, V), num.mm_dtype))

@@ -118,7 +118,7 @@ class ChunkConfig:
     structure: str = "fused"
     diag_inverse: str = "substitution"  # DIAG_INVERSES (the split solve launch)
     wy_apply: Launch = Launch(num_warps=4, num_stages=2)  # U, Y, Q_γ, K_tail per column tile
-    output_block_v: int = 64  # V columns per program of the output launch
+    output_block_v: int = 64  # V columns per output program (clipped as the state tile is)
     output: Launch = Launch(num_warps=4, num_stages=2)
 
     # Which dimension each tile splits (aux_block slices both).
