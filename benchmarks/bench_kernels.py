@@ -51,28 +51,26 @@ SPLIT_PARTS = ("fwd solve", "fwd wy", "fwd states", "fwd output+save")
 
 # Per stage: the config fields it reads, and values to try for them.
 SWEEP = {
-    "fwd diag": [
-        {"diag": Launch(w, s), "diag_store": store}
-        for store in ("tile", "columns")
-        for w, s in [(1, 1), (4, 1), (2, 2), (2, 3), (4, 3)]
-    ]
-    + [{"diag_store": "columns"}],
-    "fwd solve": [
-        {"intra": Launch(w, 1), "intra_block_k": bk} for w, bk in [(4, 32), (1, 32), (2, 64)]
-    ]
+    "fwd diag": [{"diag_store": "columns"}]
     + [
-        {"solve": "tf32"},
+        {"diag": Launch(w, s), "diag_store": store}
+        for w, s in [(2, 2), (2, 3), (1, 1), (4, 1), (4, 3)]
+        for store in ("columns", "tile")
+    ],
+    "fwd solve": [
         {"diag_inverse": "doubling"},
         {"diag_inverse": "doubling", "solve": "tf32x3"},
         {"diag_inverse": "doubling", "solve": "tf32"},
-    ],
+        {"solve": "tf32"},
+    ]
+    + [{"intra": Launch(w, 1), "intra_block_k": bk} for w, bk in [(4, 32), (1, 32), (2, 64)]],
     "fwd wy": [
         {"wy_apply": Launch(w, s), "aux_block": bk}
         for w, s, bk in [(4, 1, 64), (4, 3, 64), (8, 2, 64), (2, 2, 64), (4, 2, 32), (4, 2, 128)]
     ],
     "fwd states": [
         {"state": Launch(w, s), "state_block_v": bv}
-        for w, s, bv in [(4, 1, 64), (4, 3, 64), (4, 2, 32), (2, 2, 32), (8, 2, 128)]
+        for w, s, bv in [(4, 2, 32), (2, 2, 32), (4, 1, 64), (4, 3, 64), (8, 2, 128)]
     ],
     "fwd output+save": [
         {"output": Launch(w, s), "output_block_v": bv}
@@ -260,12 +258,13 @@ def time_stage(fn, it, iters):
     return median_ms(lambda: fn(it), 3, iters, jax.block_until_ready)
 
 
-def sweep(case: Case, it: Intermediates, iters, stages, structure):
+def sweep(case: Case, it: Intermediates, iters, stages, structure, limit=None):
+    """Times each of `stages` under its SWEEP variants (the first `limit` of them)."""
     base = base_config(case, structure)
     for stage in stages:
         if stage in SPLIT_PARTS and stage not in split_parts(structure):
             continue
-        for fields in SWEEP[stage]:
+        for fields in SWEEP[stage][:limit]:
             label = " ".join(f"{k}={v}" for k, v in fields.items())
             try:
                 ms = time_stage(
@@ -305,6 +304,7 @@ def main():
     parser.add_argument("--structures", nargs="+", default=["fused"], choices=STRUCTURES)
     parser.add_argument("--no-fla", action="store_true", help="skip fla (its autotuning)")
     parser.add_argument("--forward", action="store_true", help="only the forward's launches")
+    parser.add_argument("--sweep-limit", type=int, help="the first N variants of each stage")
     args = parser.parse_args()
     for shape in args.shapes:
         case = Case(*map(int, shape.split("x")), dtype=args.dtype)
@@ -315,7 +315,7 @@ def main():
                 stages = args.sweep or list(SWEEP)
                 if args.forward:
                     stages = [n for n in stages if n.startswith("fwd")]
-                sweep(case, it, args.iters, stages, structure)
+                sweep(case, it, args.iters, stages, structure, args.sweep_limit)
         if fla_available() and not args.no_fla:
             times = fla_kernel_times(case)
             for name, ms in sorted(times.items(), key=lambda kv: -kv[1]):
