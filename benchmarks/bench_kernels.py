@@ -10,7 +10,7 @@ medians (ms). fla's kernels are read off one profiled forward+backward (device t
 With --sweep every launch is also timed under the ChunkConfig variants in `SWEEP`, which is how the
 defaults in pallas_kernels/config.py were chosen. --structures times the stages under each
 `ChunkConfig.structure`; a split structure adds its launches alone (solve and WY apply; state-only
-pass and output), each on the intermediates it reads.
+pass and output), each on the intermediates it reads. A sweep runs under the last structure listed.
 """
 
 import argparse
@@ -311,7 +311,7 @@ def main():
         print(f"\n{case.label}", flush=True)
         for structure in args.structures:
             it = time_structure(case, structure, args.iters, args.forward)
-            if args.sweep is not None:
+            if args.sweep is not None and structure == args.structures[-1]:
                 stages = args.sweep or list(SWEEP)
                 if args.forward:
                     stages = [n for n in stages if n.startswith("fwd")]
