@@ -3,11 +3,14 @@
     python benchmarks/bench_kernels.py --shapes 4x4096 1x16384
     python benchmarks/bench_kernels.py --shapes 4x4096 --sweep   # launch-config variants too
     python benchmarks/bench_kernels.py --shapes 4x4096 --sweep "fwd diag"   # one stage's
+    python benchmarks/bench_kernels.py --shapes 4x4096 --structures fused split   # both forwards
 
 Each Pallas launch is jitted alone on the intermediates the previous launch produced; times are
 medians (ms). fla's kernels are read off one profiled forward+backward (device time per kernel).
 With --sweep every launch is also timed under the ChunkConfig variants in `SWEEP`, which is how the
-defaults in pallas_kernels/config.py were chosen.
+defaults in pallas_kernels/config.py were chosen. --structures times the stages under each
+`ChunkConfig.structure`; a split structure adds its launches alone (solve and WY apply; state-only
+pass and output), each on the intermediates it reads. A sweep runs under the last structure listed.
 """
 
 import argparse
@@ -24,9 +27,12 @@ from bench_ops import Case, fla_available, make_arrays, median_ms
 
 from gdn2_jax.ops.layout import dense_segments
 from pallas_kernels import ChunkConfig, Launch, default_chunk_config
+from pallas_kernels.chunk import FORWARDS
 from pallas_kernels.chunk_bwd import chunk_dstate, chunk_intra_bwd, chunk_wy_bwd
-from pallas_kernels.chunk_fwd import chunk_cumsum, chunk_diag, chunk_intra, chunk_state
+from pallas_kernels.chunk_fwd import chunk_cumsum, chunk_diag
+from pallas_kernels.chunk_fwd_split import chunk_output, chunk_solve, chunk_states, chunk_wy_apply
 from pallas_kernels.common import numerics_for
+from pallas_kernels.config import STRUCTURES
 
 # "fwd diag" (the cumsum and the diagonal-block launch) is also part of "fwd intra", which runs
 # all three state-independent steps; "fwd state" is "fwd state+save" without the stores.
@@ -40,10 +46,36 @@ STAGES = (
     "bwd intra",
 )
 PARTS = ("fwd diag", "fwd state")  # not added to the total
+# The split forward's launches, each alone (parts of "fwd intra" and "fwd state+save").
+SPLIT_PARTS = ("fwd solve", "fwd wy", "fwd states", "fwd output+save")
 
 # Per stage: the config fields it reads, and values to try for them.
 SWEEP = {
-    "fwd diag": [{"diag": Launch(w, 1)} for w in (1, 4)],
+    "fwd diag": [{"diag_store": "columns"}]
+    + [
+        {"diag": Launch(w, s), "diag_store": store}
+        for w, s in [(2, 2), (2, 3), (1, 1), (4, 1), (4, 3)]
+        for store in ("columns", "tile")
+    ],
+    "fwd solve": [
+        {"diag_inverse": "doubling"},
+        {"diag_inverse": "doubling", "solve": "tf32x3"},
+        {"diag_inverse": "doubling", "solve": "tf32"},
+        {"solve": "tf32"},
+    ]
+    + [{"intra": Launch(w, 1), "intra_block_k": bk} for w, bk in [(4, 32), (1, 32), (2, 64)]],
+    "fwd wy": [
+        {"wy_apply": Launch(w, s), "aux_block": bk}
+        for w, s, bk in [(4, 1, 64), (4, 3, 64), (8, 2, 64), (2, 2, 64), (4, 2, 32), (4, 2, 128)]
+    ],
+    "fwd states": [
+        {"state": Launch(w, s), "state_block_v": bv}
+        for w, s, bv in [(4, 2, 32), (2, 2, 32), (4, 1, 64), (4, 3, 64), (8, 2, 128)]
+    ],
+    "fwd output+save": [
+        {"output": Launch(w, s), "output_block_v": bv}
+        for w, s, bv in [(4, 1, 64), (8, 2, 64), (4, 2, 32), (4, 2, 128), (8, 3, 128)]
+    ],
     "fwd intra": [{"solve": "tf32x3"}, {"solve": "tf32"}]
     + [
         {"intra": Launch(w, s), "intra_block_k": bk}
@@ -85,6 +117,7 @@ class Intermediates:
     dfinals: jax.Array | None = None
     dstate: tuple | None = None
     wy: tuple | None = None
+    diag: tuple | None = None  # the diagonal launch's blocks, for the split solve alone
 
 
 def op_inputs(case: Case) -> Intermediates:
@@ -97,12 +130,20 @@ def op_inputs(case: Case) -> Intermediates:
     return Intermediates(inputs, h0s, dense_segments(case.T // 64))
 
 
-def intermediates(case: Case) -> Intermediates:
-    """Every launch's inputs, produced by the default-config launches before it."""
+def base_config(case: Case, structure: str) -> ChunkConfig:
+    return dataclasses.replace(default_chunk_config(jnp.dtype(case.dtype)), structure=structure)
+
+
+def intermediates(case: Case, structure: str, forward_only=False, fns=None) -> Intermediates:
+    """Every launch's inputs, produced by the default-config launches before it (with
+    `forward_only`, the forward launches' only); `fns`: those launches' `stage_fns`, if built."""
     it = op_inputs(case)
-    fns = stage_fns(case, default_chunk_config(jnp.dtype(case.dtype)))
+    fns = fns or stage_fns(case, base_config(case, structure))
     it.intra = fns["fwd intra"](it)
+    it.diag = fns["fwd diag"](it)
     o, finals, *it.saved = fns["fwd state+save"](it)
+    if forward_only:
+        return it
     it.do, it.dfinals = jnp.ones_like(o), jnp.ones_like(finals)
     dsc, dr, _ = fns["bwd dstate"](it)
     it.dstate = (dsc, dr)
@@ -122,13 +163,33 @@ def stage_fns(case: Case, cfg: ChunkConfig):
         q, k, _, g, b, _ = inputs
         return chunk_diag(q, k, b, chunk_cumsum(g)[0], scale=scale, **kw)
 
+    prep, state_pass = FORWARDS[cfg.structure]
+
     @jax.jit
     def intra(inputs):
-        return chunk_intra(*inputs, scale=scale, **kw)
+        return prep(*inputs, scale=scale, **kw)
 
     @functools.partial(jax.jit, static_argnames="save")
     def state(i, h0s, seg, save):
-        return chunk_state(i, h0s, seg, dtype, **kw, save=save)
+        return state_pass(i, h0s, seg, dtype, **kw, save=save)
+
+    @jax.jit
+    def solve(inputs, G, diag):
+        q, k, _, _, b, _ = inputs
+        return chunk_solve(q, k, b, G, diag, scale=scale, **kw)
+
+    @jax.jit
+    def wy_apply(inputs, i):
+        q, k, v, _, b, w = inputs
+        return chunk_wy_apply(q, k, v, b, w, i["G"], i["gc"], i["ainv"], scale=scale, **kw)
+
+    @jax.jit
+    def states(i, h0s, seg):
+        return chunk_states(i, h0s, seg, **kw)
+
+    @jax.jit
+    def output(i, s0):
+        return chunk_output(i, s0, case.H, dtype, **kw, save=True)
 
     @jax.jit
     def dstate(i, saved, seg, do, dfin):
@@ -152,6 +213,10 @@ def stage_fns(case: Case, cfg: ChunkConfig):
         "bwd dstate": lambda it: dstate(it.intra, it.saved, it.segments, it.do, it.dfinals),
         "bwd wy": lambda it: wy(it.inputs, it.intra, it.do, it.saved, it.dstate),
         "bwd intra": lambda it: intra_bwd(it.inputs, it.intra["G"], it.wy),
+        "fwd solve": lambda it: solve(it.inputs, it.intra["G"], it.diag),
+        "fwd wy": lambda it: wy_apply(it.inputs, it.intra),
+        "fwd states": lambda it: states(it.intra, it.h0s, it.segments),
+        "fwd output+save": lambda it: output(it.intra, it.saved[0]),
     }
 
 
@@ -183,22 +248,51 @@ def fla_kernel_times(case: Case):
     return {n: statistics.median(r.get(n, 0.0) for r in runs) for n in runs[0]}
 
 
+def split_parts(structure: str) -> tuple:
+    """The SPLIT_PARTS that `structure` launches."""
+    prep = SPLIT_PARTS[:2] if structure in ("split", "split_prep") else ()
+    return prep + (SPLIT_PARTS[2:] if structure in ("split", "split_output") else ())
+
+
 def time_stage(fn, it, iters):
     return median_ms(lambda: fn(it), 3, iters, jax.block_until_ready)
 
 
-def sweep(case: Case, it: Intermediates, iters, stages):
-    base = default_chunk_config(jnp.dtype(case.dtype))
+def sweep(case: Case, it: Intermediates, iters, stages, structure, limit=None):
+    """Times each of `stages` under its SWEEP variants (the first `limit` of them)."""
+    base = base_config(case, structure)
     for stage in stages:
-        for fields in SWEEP[stage]:
+        if stage in SPLIT_PARTS and stage not in split_parts(structure):
+            continue
+        for fields in SWEEP[stage][:limit]:
             label = " ".join(f"{k}={v}" for k, v in fields.items())
             try:
                 ms = time_stage(
                     stage_fns(case, dataclasses.replace(base, **fields))[stage], it, iters
                 )
-                print(f"  sweep {stage:<16} {ms:8.3f} ms  {label}", flush=True)
+                print(f"  sweep {structure} {stage:<16} {ms:8.3f} ms  {label}", flush=True)
             except jax.errors.JaxRuntimeError as err:  # e.g. shared memory over the limit
                 print(f"  sweep {stage:<16}   failed   {label}: {str(err)[:120]}", flush=True)
+
+
+def time_structure(case: Case, structure: str, iters: int, forward_only=False) -> Intermediates:
+    """Prints every stage's time under `structure` (the forward's only, with `forward_only`);
+    returns the intermediates it ran on."""
+    fns = stage_fns(case, base_config(case, structure))
+    it = intermediates(case, structure, forward_only, fns)
+    stages = STAGES + split_parts(structure)
+    if forward_only:
+        stages = tuple(n for n in stages if n.startswith("fwd"))
+    totals = {"fwd": 0.0, "fwd(save)+bwd": 0.0}
+    for name in stages:
+        ms = time_stage(fns[name], it, iters)
+        totals["fwd"] += ms if name in ("fwd intra", "fwd state") else 0.0
+        totals["fwd(save)+bwd"] += 0.0 if name in PARTS + SPLIT_PARTS else ms
+        print(f"  pallas[{structure}] {name:<16} {ms:8.3f} ms", flush=True)
+    for name, ms in totals.items():
+        if name == "fwd" or not forward_only:
+            print(f"  pallas[{structure}] {name} kernels {ms:8.3f} ms", flush=True)
+    return it
 
 
 def main():
@@ -207,21 +301,22 @@ def main():
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--sweep", nargs="*", choices=sorted(SWEEP), help="stages (default all)")
+    parser.add_argument("--structures", nargs="+", default=["fused"], choices=STRUCTURES)
+    parser.add_argument("--no-fla", action="store_true", help="skip fla (its autotuning)")
+    parser.add_argument("--forward", action="store_true", help="only the forward's launches")
+    parser.add_argument("--sweep-limit", type=int, help="the first N variants of each stage")
     args = parser.parse_args()
     for shape in args.shapes:
         case = Case(*map(int, shape.split("x")), dtype=args.dtype)
         print(f"\n{case.label}", flush=True)
-        it = intermediates(case)
-        fns = stage_fns(case, default_chunk_config(jnp.dtype(case.dtype)))
-        total = 0.0
-        for name in STAGES:
-            ms = time_stage(fns[name], it, args.iters)
-            total += 0.0 if name in PARTS else ms
-            print(f"  pallas {name:<16} {ms:8.3f} ms", flush=True)
-        print(f"  pallas fwd(save)+bwd kernels {total:8.3f} ms")
-        if args.sweep is not None:
-            sweep(case, it, args.iters, args.sweep or list(SWEEP))
-        if fla_available():
+        for structure in args.structures:
+            it = time_structure(case, structure, args.iters, args.forward)
+            if args.sweep is not None and structure == args.structures[-1]:
+                stages = args.sweep or list(SWEEP)
+                if args.forward:
+                    stages = [n for n in stages if n.startswith("fwd")]
+                sweep(case, it, args.iters, stages, structure, args.sweep_limit)
+        if fla_available() and not args.no_fla:
             times = fla_kernel_times(case)
             for name, ms in sorted(times.items(), key=lambda kv: -kv[1]):
                 print(f"  fla {ms:8.3f} ms  {name[:90]}")

@@ -3,12 +3,15 @@
     python benchmarks/bench_ops.py                      # H = 16, K = V = 128 shapes (GPU)
     python benchmarks/bench_ops.py --small              # a CPU-sized shape
     python benchmarks/bench_ops.py --backends xla pallas --shapes 4x4096 1x16384
+    python benchmarks/bench_ops.py --backends pallas --structures fused split   # kernel structures
 
 Prints medians (ms) of forward and forward+backward and each row's ratio to the baseline row
 (fla when it runs, otherwise the first backend), the peak memory of forward+backward (JAX: the
 compiled program's arguments + outputs + temporaries; torch: max_memory_allocated, inputs
 included) and, with fla, each backend's forward error against fla's output on the same inputs.
-Absolute CPU times mean little; ratios do.
+Absolute CPU times mean little; ratios do. `--structures` adds a row "pallas[<structure>]" per
+`ChunkConfig.structure`: the Pallas chunk core (what backend="pallas" runs, on these dense shapes
+with no padding) under that structure, so the forward's launch structures are timed side by side.
 """
 
 import argparse
@@ -26,6 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from gdn2_jax.ops import gated_delta_rule2
+from gdn2_jax.ops.layout import dense_segments
+from pallas_kernels import default_chunk_config, pallas_chunk_core
+from pallas_kernels.config import CHUNK, STRUCTURES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,12 +85,33 @@ def rel_err(a, b):
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def time_jax(backend, arrays, case, warmup, iters):
-    dtype = jnp.dtype(case.dtype)
-    args = [jnp.asarray(arrays[n], jnp.float32 if n == "g" else dtype) for n in "qkvgbw"]
-
+def op_forward(backend):
     def fwd(*a):
         return gated_delta_rule2(*a, backend=backend)[0]
+
+    return fwd
+
+
+def structure_forward(structure, case):
+    """The Pallas chunk core under ChunkConfig(structure=...) with a zero initial state."""
+    if case.T % CHUNK:
+        raise ValueError(f"--structures needs T a multiple of {CHUNK}, got T={case.T}")
+    cfg = dataclasses.replace(default_chunk_config(jnp.dtype(case.dtype)), structure=structure)
+    h0s = jnp.zeros((2, case.B, case.H, case.K, case.V), jnp.float32)
+    segments = dense_segments(case.T // CHUNK)
+
+    interpret = jax.default_backend() != "gpu"  # off a GPU: interpret mode, for a smoke run
+
+    def fwd(*a):
+        core_args = (h0s, segments, case.K**-0.5, CHUNK, cfg, interpret)
+        return pallas_chunk_core(*a, *core_args)[0]
+
+    return fwd
+
+
+def time_jax(fwd, arrays, case, warmup, iters):
+    dtype = jnp.dtype(case.dtype)
+    args = [jnp.asarray(arrays[n], jnp.float32 if n == "g" else dtype) for n in "qkvgbw"]
 
     def loss(*a):
         return jnp.sum(fwd(*a).astype(jnp.float32))
@@ -163,6 +190,10 @@ def parse_args():
     parser.add_argument("--small", action="store_true", help="B=1 T=512 H=2 K=V=64 (CPU)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument(
+        "--structures", nargs="*", default=[], choices=STRUCTURES, help="pallas core rows"
+    )
+    parser.add_argument("--no-fla", action="store_true", help="skip fla (its autotuning)")
     return parser.parse_args()
 
 
@@ -181,8 +212,9 @@ class Row:
     err_vs_fla: float
 
 
-def benchmark(cases, backends=None, *, warmup=3, iters=20, with_fla=None):
-    """Times every backend (and fla on a GPU) on every `Case`; returns a list of `Row`.
+def benchmark(cases, backends=None, *, warmup=3, iters=20, with_fla=None, structures=()):
+    """Times every backend (and fla on a GPU) on every `Case`, and the Pallas chunk core under
+    each of `structures`; returns a list of `Row`.
 
     The importable entry of this script (the notebooks call it); `main` is its command line.
     """
@@ -196,7 +228,10 @@ def benchmark(cases, backends=None, *, warmup=3, iters=20, with_fla=None):
         if with_fla:
             timings["fla chunk_gdn2"] = time_fla(arrays, case, warmup, iters)
         for backend in backends:
-            timings[backend] = time_jax(backend, arrays, case, warmup, iters)
+            timings[backend] = time_jax(op_forward(backend), arrays, case, warmup, iters)
+        for structure in structures:
+            fwd = structure_forward(structure, case)
+            timings[f"pallas[{structure}]"] = time_jax(fwd, arrays, case, warmup, iters)
         base = next(iter(timings.values()))
         for name, t in timings.items():
             err = rel_err(t.output, base.output) if with_fla and t is not base else float("nan")
@@ -233,7 +268,15 @@ def main():
             Case(*map(int, s.split("x")), H=args.heads, K=args.dim, V=args.dim, dtype=args.dtype)
             for s in args.shapes
         ]
-    print(format_table(benchmark(cases, args.backends, warmup=args.warmup, iters=args.iters)))
+    rows = benchmark(
+        cases,
+        args.backends,
+        warmup=args.warmup,
+        iters=args.iters,
+        with_fla=False if args.no_fla else None,
+        structures=args.structures,
+    )
+    print(format_table(rows))
 
 
 if __name__ == "__main__":

@@ -8,9 +8,11 @@ h0s [N+1, B, H, K, V] float32; segments = (seq, first, last) per chunk. Returns 
 q's dtype and finals [N+1, B, H, K, V] float32, differentiable in q, k, v, g, b, w and h0s through
 a custom_vjp. `interpret=True` runs every kernel in Pallas interpret mode.
 
-Forward: 2 launches (intra-chunk, state pass). Under differentiation the forward's state pass also
-stores each chunk's S₀ and R, so the backward needs no recompute: 3 launches (reverse state pass,
-gate-aware WY VJP, intra-chunk VJP).
+Forward (`ChunkConfig.structure`): "fused" is 3 launches (diagonal blocks, intra-chunk, state pass
+with the output), "split" 5 (diagonal blocks, solve, WY apply, state pass, output; see
+`chunk_fwd_split`), "split_prep" / "split_output" one of the two splits. Under differentiation
+the forward also stores each chunk's S₀ and R, so the backward needs no recompute: 4 launches
+(reverse state pass, gate-aware WY VJP, the intra-chunk VJP's diagonal blocks and the rest).
 """
 
 import functools
@@ -21,6 +23,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from pallas_kernels.chunk_bwd import chunk_dstate, chunk_intra_bwd, chunk_wy_bwd
 from pallas_kernels.chunk_fwd import chunk_intra, chunk_state
+from pallas_kernels.chunk_fwd_split import chunk_intra_split, chunk_state_split
 from pallas_kernels.common import dims_unsupported, dtypes_unsupported, numerics_for
 from pallas_kernels.config import CHUNK, default_chunk_config
 
@@ -46,6 +49,15 @@ def _numerics(q, v, g, chunk_size, cfg, interpret):
     return numerics_for(q.dtype, interpret=interpret, solve=cfg.solve), cfg
 
 
+# ChunkConfig.structure -> (the state-independent launches, the state pass and output).
+FORWARDS = {
+    "fused": (chunk_intra, chunk_state),
+    "split_prep": (chunk_intra_split, chunk_state),
+    "split_output": (chunk_intra, chunk_state_split),
+    "split": (chunk_intra_split, chunk_state_split),
+}
+
+
 def _cast_inputs(q, k, v, g, b, w):
     """One matmul dtype for every token input (q's), g in float32."""
     dt = q.dtype
@@ -55,8 +67,9 @@ def _cast_inputs(q, k, v, g, b, w):
 def _forward(q, k, v, g, b, w, h0s, segments, scale, chunk_size, cfg, interpret, save):
     num, cfg = _numerics(q, v, g, chunk_size, cfg, interpret)
     q, k, v, g, b, w = _cast_inputs(q, k, v, g, b, w)
-    intra = chunk_intra(q, k, v, g, b, w, scale=scale, cfg=cfg, num=num)
-    outs = chunk_state(intra, h0s, segments, q.dtype, cfg=cfg, num=num, save=save)
+    prep, state = FORWARDS[cfg.structure]
+    intra = prep(q, k, v, g, b, w, scale=scale, cfg=cfg, num=num)
+    outs = state(intra, h0s, segments, q.dtype, cfg=cfg, num=num, save=save)
     return intra, outs
 
 
@@ -97,6 +110,7 @@ def _core_bwd(scale, chunk_size, cfg, interpret, residuals, cotangents):
 pallas_chunk_core.defvjp(_core_fwd, _core_bwd)
 
 
-def chunk_core(q, k, v, g, b, w, h0s, segments, scale, chunk_size, *, interpret):
-    """The op's registration point (`gdn2_jax.ops.core.pallas_chunk`), default tiles."""
-    return pallas_chunk_core(q, k, v, g, b, w, h0s, segments, scale, chunk_size, None, interpret)
+def chunk_core(q, k, v, g, b, w, h0s, segments, scale, chunk_size, *, interpret, cfg=None):
+    """The op's registration point (`gdn2_jax.ops.core.pallas_chunk`): the tuned defaults, or
+    `cfg` where a test or benchmark binds another ChunkConfig."""
+    return pallas_chunk_core(q, k, v, g, b, w, h0s, segments, scale, chunk_size, cfg, interpret)

@@ -20,6 +20,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.common import F32, Numerics, barrier, compiler_params, iota, mm, mm_cast, row
 from pallas_kernels.config import CHUNK, NUM_SUB, SUB, ChunkConfig, state_tile_v
@@ -68,10 +69,12 @@ def _offdiag_scores(q_ref, k_ref, b_ref, G_ref, bi, h, bh, t0, *, K, bk, scale, 
     return dict(zip(_PAIRS, a_blocks, strict=True)), dict(zip(_PAIRS, t_blocks, strict=True))
 
 
-def _diag_scores(q_ref, k_ref, b_ref, G_ref, bi, h, bh, r0, *, K, scale, precision):
+def _diag_scores(q_ref, k_ref, b_ref, G_ref, bi, h, bh, r0, *, K, scale, precision, put=None):
     """A diagonal 16×16 block. Its lower-left 8×8 quadrant is one factored product through the
     boundary n = r0 + 8 (both exponents ≤ 0, as off the diagonal); the two diagonal 8×8
-    quadrants go column by column, columns j and j + 8 in one step, masked before the exp."""
+    quadrants go column by column, columns j and j + 8 in one step, masked before the exp.
+    Each step's columns go into the returned tiles, or with `put` to put(j, a_col, t_col)
+    (rows < 8 are column j, the rest column j + 8), and the tiles hold only the quadrant."""
     rows = pl.ds(r0, SUB)
     q = q_ref[bi, rows, h, :].astype(F32) * scale
     k = k_ref[bi, rows, h, :].astype(F32)
@@ -98,6 +101,9 @@ def _diag_scores(q_ref, k_ref, b_ref, G_ref, bi, h, bh, r0, *, K, scale, precisi
         c = j + shift_1
         a_col = jnp.sum(q * kE, axis=1)
         t_col = jnp.where(r_1 > c, jnp.sum(bk * kE, axis=1), 0.0)
+        if put is not None:
+            put(j, a_col, t_col)
+            return carry
         here = col == c[:, None]
         return jnp.where(here, a_col[:, None], a_d), jnp.where(here, t_col[:, None], t_d)
 
@@ -121,6 +127,12 @@ def _solve_blocks(t, precision):
     """(I + T)⁻¹ as {(i, j): block}: diagonal blocks by substitution, the rest by block
     substitution X_ij = −X_ii Σ_m T_im X_mj at full float32 precision (never a power series)."""
     x = {(i, i): _invert_unit_lower(t[(i, i)]) for i in range(NUM_SUB)}
+    return merge_blocks(t, x, precision)
+
+
+def merge_blocks(t, x, precision):
+    """Completes the inverse `x` (its diagonal blocks given) by block substitution
+    X_ij = −X_ii Σ_m T_im X_mj, one block diagonal after the other."""
     for d in range(1, NUM_SUB):
         for i in range(d, NUM_SUB):
             j = i - d
@@ -137,50 +149,85 @@ def _store_blocks(ref, bh, t0, blocks, dtype):
             ref[bh, pl.ds(t0 + SUB * i, SUB), pl.ds(SUB * j, SUB)] = blk
 
 
+def u_tile(A, v_ref, w_ref, u_ref, bi, h, bh, rows, vs, num):
+    """U = A (w ⊙ v) on the value columns `vs` of one chunk (A = (I + T)⁻¹, loaded)."""
+    z = v_ref[bi, rows, h, vs].astype(F32) * w_ref[bi, rows, h, vs].astype(F32)
+    u_ref[bh, rows, vs] = mm_cast(A, z, num).astype(u_ref.dtype)
+
+
+def key_tiles(A, refs, bi, h, bh, c, ks, *, scale, num):
+    """Y = A Ē, Q_γ = scale·q ⊙ γ and K_tail = k ⊙ exp(G_C − G) on the key columns `ks`."""
+    q_ref, k_ref, b_ref, G_ref, gc_ref, y_ref, qg_ref, kt_ref = refs
+    rows = pl.ds(c * CHUNK, CHUNK)
+    dt = y_ref.dtype
+    G = G_ref[bh, rows, ks]
+    gamma = jnp.exp(G)
+    k = k_ref[bi, rows, h, ks].astype(F32)
+    e = b_ref[bi, rows, h, ks].astype(F32) * k * gamma
+    y_ref[bh, rows, ks] = mm_cast(A, e, num).astype(dt)
+    qg_ref[bh, rows, ks] = (q_ref[bi, rows, h, ks].astype(F32) * (scale * gamma)).astype(dt)
+    kt_ref[bh, rows, ks] = (k * jnp.exp(gc_ref[bh, c, ks][None, :] - G)).astype(dt)
+
+
 def _aux(refs, bi, h, bh, c, *, K, V, scale, block, num):
     """U = A (w ⊙ v), Y = A Ē, Q_γ = scale·q ⊙ γ, K_tail = k ⊙ exp(G_C − G), by column slices."""
     q_ref, k_ref, b_ref, v_ref, w_ref, G_ref, gc_ref, ainv_ref, u_ref, y_ref, qg_ref, kt_ref = refs
     rows = pl.ds(c * CHUNK, CHUNK)
     A = ainv_ref[bh, rows, :]
-    dt = u_ref.dtype
-
     bv, bk = min(block, V), min(block, K)
 
     def v_body(vb, carry):
         vs = pl.ds(pl.multiple_of(vb * bv, bv), bv)
-        z = v_ref[bi, rows, h, vs].astype(F32) * w_ref[bi, rows, h, vs].astype(F32)
-        u_ref[bh, rows, vs] = mm_cast(A, z, num).astype(dt)
+        u_tile(A, v_ref, w_ref, u_ref, bi, h, bh, rows, vs, num)
         return carry
 
     def k_body(kb, carry):
         ks = pl.ds(pl.multiple_of(kb * bk, bk), bk)
-        G = G_ref[bh, rows, ks]
-        gamma = jnp.exp(G)
-        k = k_ref[bi, rows, h, ks].astype(F32)
-        e = b_ref[bi, rows, h, ks].astype(F32) * k * gamma
-        y_ref[bh, rows, ks] = mm_cast(A, e, num).astype(dt)
-        qg_ref[bh, rows, ks] = (q_ref[bi, rows, h, ks].astype(F32) * (scale * gamma)).astype(dt)
-        kt_ref[bh, rows, ks] = (k * jnp.exp(gc_ref[bh, c, ks][None, :] - G)).astype(dt)
+        key_refs = (q_ref, k_ref, b_ref, G_ref, gc_ref, y_ref, qg_ref, kt_ref)
+        key_tiles(A, key_refs, bi, h, bh, c, ks, scale=scale, num=num)
         return carry
 
     jax.lax.fori_loop(0, V // bv, v_body, 0)
     jax.lax.fori_loop(0, K // bk, k_body, 0)
 
 
-def _diag_kernel(q_ref, k_ref, b_ref, G_ref, a_ref, t_ref, *, H, K, scale, precision):
+def _diag_kernel(q_ref, k_ref, b_ref, G_ref, a_ref, t_ref, *, H, K, scale, precision, columns):
     s, bh = pl.program_id(0), pl.program_id(1)
     r0 = s * SUB
-    a_d, t_d = _diag_scores(
-        q_ref, k_ref, b_ref, G_ref, bh // H, bh % H, bh, r0, K=K, scale=scale, precision=precision
-    )
-    a_ref[bh, pl.ds(r0, SUB), :] = a_d
-    t_ref[bh, pl.ds(r0, SUB), :] = t_d
+    rows = pl.ds(r0, SUB)
+    put = None
+    if columns:
+        upper = iota((SUB,), 0) < HALF
+
+        def put(j, a_col, t_col):
+            for ref, x in ((a_ref, a_col), (t_ref, t_col)):
+                pltriton.store(ref.at[bh, rows, j], x, mask=upper)
+                pltriton.store(ref.at[bh, rows, j + HALF], x, mask=~upper)
+
+    score_refs = (q_ref, k_ref, b_ref, G_ref, bh // H, bh % H, bh)
+    a_d, t_d = _diag_scores(*score_refs, r0, K=K, scale=scale, precision=precision, put=put)
+    if columns:
+        # Only the off-diagonal quadrants: the diagonal ones are the columns already stored.
+        r, c = iota((SUB, SUB), 0), iota((SUB, SUB), 1)
+        off_diagonal = (r < HALF) != (c < HALF)
+        pltriton.store(a_ref.at[bh, rows, :], a_d, mask=off_diagonal)
+        pltriton.store(t_ref.at[bh, rows, :], t_d, mask=off_diagonal)
+    else:
+        a_ref[bh, rows, :] = a_d
+        t_ref[bh, rows, :] = t_d
 
 
 def chunk_diag(q, k, b, G, *, scale, cfg: ChunkConfig, num: Numerics):
     """The diagonal 16×16 blocks of A_qk (j ≤ r) and T (j < r), float32 [BH, Tp, 16] each."""
     B, Tp, H, K = q.shape
-    kernel = functools.partial(_diag_kernel, H=H, K=K, scale=scale, precision=num.score_precision)
+    kernel = functools.partial(
+        _diag_kernel,
+        H=H,
+        K=K,
+        scale=scale,
+        precision=num.score_precision,
+        columns=cfg.diag_store == "columns",
+    )
     block = jax.ShapeDtypeStruct((B * H, Tp, SUB), F32)
     return pl.pallas_call(
         kernel,
@@ -241,13 +288,12 @@ def chunk_intra(q, k, v, g, b, w, *, scale, cfg: ChunkConfig, num: Numerics):
     return {"G": G, "gc": gc, **dict(zip(shapes, outs, strict=True))}
 
 
-def _state_kernel(*refs, H, K, NT, bv, num):
-    seq_ref, first_ref, last_ref, h0_ref, fin0_ref, y_ref, u_ref, qg_ref, kt_ref = refs[:9]
-    aqk_ref, gc_ref, o_ref, fin_ref, *saved = refs[9:]
-    vb, bh = pl.program_id(0), pl.program_id(1)
+def walk_chunks(refs, bh, vs, *, H, K, NT, bv, num, emit):
+    """The serial pass over one (V block, batch·head): per chunk the reset to the initial state
+    where a sequence starts, R = U − Y S, `emit(c, rows, S, Rd)` (Rd: R in the matmul dtype),
+    S ← Diag(γ_C) S + K_tailᵀ R, and the final state where a sequence ends."""
+    seq_ref, first_ref, last_ref, h0_ref, y_ref, u_ref, kt_ref, gc_ref, fin_ref = refs
     bi, h = bh // H, bh % H
-    vs = pl.ds(pl.multiple_of(vb * bv, bv), bv)
-    del fin0_ref  # aliased to fin_ref: slots no chunk finishes keep their zeros
 
     def body(c, S):
         rows = pl.ds(c * CHUNK, CHUNK)
@@ -255,12 +301,7 @@ def _state_kernel(*refs, H, K, NT, bv, num):
         S = jax.lax.cond(first_ref[c] != 0, lambda: h0_ref[slot, bi, h, :, vs], lambda: S)
         R = u_ref[bh, rows, vs].astype(F32) - mm_cast(y_ref[bh, rows, :], S, num)
         Rd = R.astype(num.mm_dtype)
-        o = mm_cast(qg_ref[bh, rows, :], S, num) + mm_cast(aqk_ref[bh, rows, :], Rd, num)
-        o_ref[bi, rows, h, vs] = o.astype(o_ref.dtype)
-        if saved:
-            s0_ref, r_ref = saved
-            s0_ref[bh, c, :, vs] = S.astype(s0_ref.dtype)
-            r_ref[bh, rows, vs] = Rd
+        emit(c, rows, S, Rd)
         S = jnp.exp(gc_ref[bh, c, :])[:, None] * S + mm_cast(kt_ref[bh, rows, :], Rd, num, ta=True)
 
         @pl.when(last_ref[c] != 0)
@@ -270,6 +311,26 @@ def _state_kernel(*refs, H, K, NT, bv, num):
         return S
 
     jax.lax.fori_loop(0, NT, body, jnp.zeros((K, bv), F32))
+
+
+def _state_kernel(*refs, H, K, NT, bv, num):
+    seq_ref, first_ref, last_ref, h0_ref, fin0_ref, y_ref, u_ref, qg_ref, kt_ref = refs[:9]
+    aqk_ref, gc_ref, o_ref, fin_ref, *saved = refs[9:]
+    vb, bh = pl.program_id(0), pl.program_id(1)
+    bi, h = bh // H, bh % H
+    vs = pl.ds(pl.multiple_of(vb * bv, bv), bv)
+    del fin0_ref  # aliased to fin_ref: slots no chunk finishes keep their zeros
+
+    def emit(c, rows, S, Rd):
+        o = mm_cast(qg_ref[bh, rows, :], S, num) + mm_cast(aqk_ref[bh, rows, :], Rd, num)
+        o_ref[bi, rows, h, vs] = o.astype(o_ref.dtype)
+        if saved:
+            s0_ref, r_ref = saved
+            s0_ref[bh, c, :, vs] = S.astype(s0_ref.dtype)
+            r_ref[bh, rows, vs] = Rd
+
+    walk_refs = (seq_ref, first_ref, last_ref, h0_ref, y_ref, u_ref, kt_ref, gc_ref, fin_ref)
+    walk_chunks(walk_refs, bh, vs, H=H, K=K, NT=NT, bv=bv, num=num, emit=emit)
 
 
 def chunk_state(intra, h0s, segments, out_dtype, *, cfg: ChunkConfig, num: Numerics, save):

@@ -24,6 +24,19 @@ MAX_STATE_TILE = 128 * 64
 MIN_TILE = 16
 WARPS = (1, 2, 4, 8, 16)
 SOLVE_CHOICES = ("float32", "tf32x3", "tf32")
+# How the forward is cut into launches (pallas_kernels/README.md): "fused" builds everything that
+# does not depend on the state in one program per (chunk, head) and emits the output inside the
+# state pass; "split" separates the solve from the WY apply and the output from the state pass;
+# "split_prep" and "split_output" do one of the two, so each split can be timed alone.
+STRUCTURES = ("fused", "split_prep", "split_output", "split")
+# How the forward diagonal launch writes a block's column-loop results: "tile" assembles the
+# block in registers (a [16, 16] select per column) and stores it once; "columns" stores each
+# column straight to memory, as it is computed.
+DIAG_STORES = ("tile", "columns")
+# How the split solve inverts T's diagonal 16x16 blocks: "substitution" row by row on the CUDA
+# cores, "doubling" as four levels of two [16, 16] matmuls (exact, on the tensor cores where the
+# solve precision allows).
+DIAG_INVERSES = ("substitution", "doubling")
 MAX_STAGES = 8
 
 
@@ -86,6 +99,7 @@ class ChunkConfig:
     intra: Launch = Launch(num_warps=2, num_stages=1)
     solve: str = "float32"  # precision of the triangular solve's block merges: SOLVE_CHOICES
     diag: Launch = Launch(num_warps=2, num_stages=1)  # the forward's diagonal 16x16 blocks
+    diag_store: str = "tile"  # DIAG_STORES
     state_block_v: int = 64  # V columns of the carried state per program (forward state pass)
     state: Launch = Launch(num_warps=4, num_stages=2)
     dstate_block_v: int = 64  # V columns of the carried state gradient (reverse state pass)
@@ -98,6 +112,14 @@ class ChunkConfig:
     intra_bwd: Launch = Launch(num_warps=4, num_stages=1)
     intra_bwd_diag_block_k: int = 16  # K tile (grid axis) of its diagonal pairwise tiles
     intra_bwd_diag: Launch = Launch(num_warps=2, num_stages=1)  # its diagonal 16x16 blocks
+    # The forward's launch structure (STRUCTURES). With the prep split, `intra` launches the
+    # scores and the solve alone and `aux_block` tiles the WY apply's columns; with the output
+    # split, `state` launches the state-only pass.
+    structure: str = "fused"
+    diag_inverse: str = "substitution"  # DIAG_INVERSES (the split solve launch)
+    wy_apply: Launch = Launch(num_warps=4, num_stages=2)  # U, Y, Q_γ, K_tail per column tile
+    output_block_v: int = 64  # V columns per output program (clipped as the state tile is)
+    output: Launch = Launch(num_warps=4, num_stages=2)
 
     # Which dimension each tile splits (aux_block slices both).
     TILED = (
@@ -110,14 +132,20 @@ class ChunkConfig:
         ("intra_bwd_diag_block_k", "K"),
         ("aux_block", "K"),
         ("aux_block", "V"),
+        ("output_block_v", "V"),
     )
 
     def __post_init__(self):
         _check_tiles(self)
-        if self.solve not in SOLVE_CHOICES:
-            raise ValueError(
-                f"ChunkConfig.solve must be one of {SOLVE_CHOICES}, got {self.solve!r}"
-            )
+        for name, choices in (
+            ("solve", SOLVE_CHOICES),
+            ("diag_store", DIAG_STORES),
+            ("diag_inverse", DIAG_INVERSES),
+            ("structure", STRUCTURES),
+        ):
+            value = getattr(self, name)
+            if value not in choices:
+                raise ValueError(f"ChunkConfig.{name} must be one of {choices}, got {value!r}")
 
     def check_dims(self, K: int, V: int) -> None:
         _check_divides(self, self.TILED, {"K": K, "V": V})

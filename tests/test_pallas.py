@@ -4,6 +4,9 @@ decoding kernel against fla's naive recurrence, and the kernels under non-defaul
 Interpret mode proves numerics, not lowering: tests/test_pallas_gpu.py runs the same on a GPU.
 """
 
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,12 +14,21 @@ import pytest
 import torch
 from fla.ops.gdn2.naive import naive_recurrent_gdn2
 from op_testing import OpBackendTests
+from testing import kernel_names
 
+import pallas_kernels
 from gdn2_jax.crosscheck import NAMES, Shape, make_inputs, rel_err
 from gdn2_jax.ops import gated_delta_rule2_recurrent, gated_delta_rule2_step
 from gdn2_jax.ops.core import xla_chunk_core
-from gdn2_jax.ops.layout import dense_segments
-from pallas_kernels import ChunkConfig, Launch, RecurrentConfig, pallas_chunk_core
+from gdn2_jax.ops.layout import dense_segments, packed_segments
+from pallas_kernels import (
+    DEFAULT_CHUNK_CONFIG,
+    ChunkConfig,
+    Launch,
+    RecurrentConfig,
+    chunk_core,
+    pallas_chunk_core,
+)
 from pallas_kernels.recurrent import recurrent
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -25,6 +37,69 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 class TestPallasBackend(OpBackendTests):
     backend = "pallas"
     interpret = True
+
+
+# 16-wide tiles at K = V = 32: every K and V loop runs twice, the split WY apply runs two value
+# and two key tiles per chunk and its output launch two V tiles.
+SMALL_TILES = ChunkConfig(
+    intra_block_k=16,
+    aux_block=16,
+    state_block_v=16,
+    dstate_block_v=16,
+    wy_block_k=16,
+    wy_block_v=16,
+    intra_bwd_block_k=16,
+    intra_bwd_diag_block_k=16,
+    output_block_v=16,
+)
+SPLIT_FORWARD = {
+    "gdn2_chunk_fwd_diag": 1,
+    "gdn2_chunk_fwd_solve": 1,
+    "gdn2_chunk_fwd_wy": 1,
+    "gdn2_chunk_fwd_states": 1,
+}
+
+
+def bind_chunk_config(monkeypatch, cfg):
+    """Runs the op's backend="pallas" chunk kernels under `cfg` for the rest of the test."""
+    monkeypatch.setattr(pallas_kernels, "chunk_core", functools.partial(chunk_core, cfg=cfg))
+
+
+class TestPallasSplitBackend(TestPallasBackend):
+    """The shared suite on `ChunkConfig(structure="split")`, bound into the op's registration
+    point. Only the cases that load every forward launch differently (extreme gates down to
+    -80 with initial states, bf16 storage of the intermediates) run here: the op around the core
+    (padding, packing, l2norm, reductions, jit) is the same code for both structures, and
+    test_split_structure_on_packed_sequences_matches_xla_core covers state resets; the whole
+    class in interpret mode would cost minutes of CI."""
+
+    @pytest.fixture(autouse=True)
+    def _split_core(self, monkeypatch):
+        bind_chunk_config(monkeypatch, dataclasses.replace(DEFAULT_CHUNK_CONFIG, structure="split"))
+
+    test_matches_fla_naive = None
+    test_strong_decay_whole_chunk = None
+    test_packed_sequences_match_separate_runs = None
+    test_packed_sequences_under_jit = None
+    test_nan_stays_in_its_sequence = None
+    test_kda_reduction_matches_fla = None
+    test_gated_delta_rule_reduction_matches_fla = None
+    test_l2norm_and_scale_match_fla = None
+    test_bfloat16_gradients_have_input_dtypes = None
+    test_jit_matches_eager = None
+
+    def test_the_op_runs_the_split_launches(self):
+        x = make_inputs(49, Shape(T=70))
+        args = [jnp.asarray(x[n]) for n in NAMES[:6]]
+        assert kernel_names(self.op, *args) == {**SPLIT_FORWARD, "gdn2_chunk_fwd_output": 1}
+
+        def loss(*a):
+            return jnp.sum(self.op(*a)[0])
+
+        names = kernel_names(jax.grad(loss, argnums=tuple(range(6))), *args)
+        assert {n: names[n] for n in SPLIT_FORWARD} == SPLIT_FORWARD
+        assert names["gdn2_chunk_fwd_output_save"] == 1
+        assert not {"gdn2_chunk_fwd_intra", "gdn2_chunk_fwd_state_save"} & set(names)
 
 
 def fla_recurrent(x, lo=None, hi=None, h0=None):
@@ -70,12 +145,21 @@ def test_recurrent_kernel_bfloat16_output_dtype():
     assert rel_err(o.astype(jnp.float32), o_ref) <= 2e-2 and rel_err(S, S_ref) <= 2e-2
 
 
-def _assert_core_matches_xla_core(cfg, shape, seed):
-    """Output, finals and every gradient (inputs and h0) of the kernels against the XLA core."""
+def _assert_core_matches_xla_core(cfg, shape, seed, chunk_bounds=None):
+    """Output, finals and every gradient (inputs and h0s) of the kernels against the XLA core;
+    `chunk_bounds` (sequence boundaries in chunks, B = 1) packs several sequences in one row."""
     x = make_inputs(seed, shape, extreme=True)
     args = [jnp.asarray(x[n]) for n in NAMES[:6]]
-    h0s = jnp.stack([jnp.asarray(x["initial_state"]), jnp.zeros_like(x["initial_state"])])
-    seg = dense_segments(shape.T // 64)
+    num_chunks = shape.T // 64
+    if chunk_bounds is None:
+        h0 = jnp.asarray(x["initial_state"])[None]
+        seg = dense_segments(num_chunks)
+    else:
+        n = len(chunk_bounds) - 1
+        h0 = jnp.asarray(make_inputs(seed + 2, dataclasses.replace(shape, B=n))["initial_state"])
+        h0 = h0[:, None]
+        seg = packed_segments(jnp.asarray(chunk_bounds, jnp.int32), num_chunks)
+    h0s = jnp.concatenate([h0, jnp.zeros_like(h0[:1])])  # the last slot: padding's zero state
     rng = np.random.default_rng(seed + 1)
     cot = tuple(jnp.asarray(rng.standard_normal(s), jnp.float32) for s in (x["v"].shape, h0s.shape))
 
@@ -86,24 +170,25 @@ def _assert_core_matches_xla_core(cfg, shape, seed):
     ours = run(lambda *a: pallas_chunk_core(*a, cfg, True))
     reference = run(xla_chunk_core)
     for n, (a, b) in enumerate(zip(ours, reference, strict=True)):
-        # finals and dh0s: slot 1 is the unused zero slot.
-        a, b = (a[:1], b[:1]) if n in (1, 8) else (a, b)
+        # finals and dh0s: the last slot is the unused zero slot.
+        a, b = (a[:-1], b[:-1]) if n in (1, 8) else (a, b)
         assert rel_err(a, b) <= 1e-5, n
 
 
 def test_chunk_core_under_other_tiles_matches_xla_core():
     """Every K/V loop of every kernel taken more than once (16-wide tiles at K = V = 32)."""
-    cfg = ChunkConfig(
-        intra_block_k=16,
-        aux_block=16,
-        state_block_v=16,
-        dstate_block_v=16,
-        wy_block_k=16,
-        wy_block_v=16,
-        intra_bwd_block_k=16,
-        intra_bwd_diag_block_k=16,
+    _assert_core_matches_xla_core(SMALL_TILES, Shape(B=1, T=128, H=2, K=32, V=32), seed=44)
+
+
+def test_split_structure_on_packed_sequences_matches_xla_core():
+    """The split forward's five launches (and the shared backward) with 16-wide tiles, the
+    diagonal launch storing its columns and the diagonal inverses by doubling; three sequences
+    packed in one row: one chunk, an empty one, two chunks."""
+    cfg = dataclasses.replace(
+        SMALL_TILES, structure="split", diag_store="columns", diag_inverse="doubling"
     )
-    _assert_core_matches_xla_core(cfg, Shape(B=1, T=128, H=2, K=32, V=32), seed=44)
+    shape = Shape(B=1, T=192, H=2, K=32, V=32)
+    _assert_core_matches_xla_core(cfg, shape, seed=45, chunk_bounds=(0, 1, 1, 3))
 
 
 @pytest.mark.parametrize("dims", [(256, 256), (256, 64), (64, 256)])

@@ -2,9 +2,11 @@
 
 The op's shared suite for backend="pallas" (float32 inputs run TF32×3 matmuls, so the shared
 float32 tolerances hold), production head sizes in float32 and bfloat16 against fla's naive
-recurrence (CPU, float32), the decoding kernel, and what "auto" picks on a GPU. Skipped where
-JAX has no GPU.
+recurrence (CPU, float32), the split forward structure (`ChunkConfig(structure="split")` with
+its options), the decoding kernel, and what "auto" picks on a GPU. Skipped where JAX has no GPU.
 """
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +14,7 @@ import numpy as np
 import pytest
 from op_testing import OpBackendTests
 from test_op_values import DenseValueTests, PackedValueTests
-from test_pallas import fla_recurrent
+from test_pallas import SPLIT_FORWARD, bind_chunk_config, fla_recurrent
 from testing import kernel_names
 
 from gdn2_jax.crosscheck import (
@@ -25,6 +27,7 @@ from gdn2_jax.crosscheck import (
     torch_reference,
 )
 from gdn2_jax.ops import gated_delta_rule2, gated_delta_rule2_recurrent, gated_delta_rule2_step
+from pallas_kernels import default_chunk_config
 from pallas_kernels.recurrent import recurrent
 
 pytestmark = [
@@ -100,6 +103,44 @@ def test_packed_bfloat16_matches_separate_runs():
         o_ref, S_ref = fla_recurrent(x, lo, hi, np.zeros_like(S[n : n + 1]))
         assert rel_err(o[:, lo:hi].astype(jnp.float32), o_ref) <= 2e-2, n
         assert rel_err(S[n : n + 1], S_ref) <= 2e-2, n
+
+
+# The split forward with every new option; the backward is the fused structure's.
+SPLIT_ALL = dict(structure="split", diag_store="columns", diag_inverse="doubling")
+
+
+@pytest.fixture
+def split_kernels(monkeypatch):
+    """Binds the split forward, on the tuned tiles of the inputs' dtype, into the op."""
+
+    def bind(dtype):
+        cfg = dataclasses.replace(default_chunk_config(dtype), **SPLIT_ALL)
+        bind_chunk_config(monkeypatch, cfg)
+
+    return bind
+
+
+@pytest.mark.parametrize("dims", [(128, 128), (256, 64)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_split_structure_production_heads(dims, dtype, split_kernels):
+    """The split forward compiled for the GPU, extreme gates and initial states, against fla's
+    naive recurrence with the fused structure's tolerances (the same products, reordered)."""
+    split_kernels(dtype)
+    x = make_inputs(57, Shape(B=2, T=200, H=2, K=dims[0], V=dims[1]), extreme=True)
+    args = [jnp.asarray(x[n], jnp.float32 if n == "g" else dtype) for n in NAMES[:6]]
+    names = kernel_names(lambda *a: gated_delta_rule2(*a, backend="pallas"), *args)
+    assert {n: names[n] for n in SPLIT_FORWARD} == SPLIT_FORWARD
+    errors = _errors(x, dtype)
+    if dtype == jnp.float32:
+        assert all(e <= 1e-3 for e in errors.values()) and errors["o"] <= 1e-4, errors
+    else:
+        assert errors["o"] <= 2e-2 and errors["S"] <= 2e-2, errors
+        assert all(e <= 5e-2 for e in errors.values()), errors
+
+
+def test_split_structure_packed_bfloat16(split_kernels):
+    split_kernels(jnp.bfloat16)
+    test_packed_bfloat16_matches_separate_runs()
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
