@@ -86,16 +86,16 @@ def test_needle_keys_are_unique_in_haystack():
             "too short",
         ),
         (RecallConfig(num_pairs=4, num_queries=4, num_overwrites=2), 64, "num_overwrites"),
-        (
-            RecallConfig(variant="overwrite", num_pairs=4, num_queries=4, num_overwrites=-1),
-            64,
-            "num_overwrites",
-        ),
     ],
 )
 def test_recall_rejects_impossible_settings(cfg, seq_len, match):
     with pytest.raises(ValueError, match=match):
         recall.RecallSource(cfg, seq_len, seed=0, split=0)
+
+
+def test_recall_config_rejects_negative_overwrites():
+    with pytest.raises(ValueError, match="num_overwrites must be >= 0"):
+        RecallConfig(variant="overwrite", num_pairs=4, num_queries=4, num_overwrites=-1)
 
 
 def test_pack_window_segments_and_mask():
