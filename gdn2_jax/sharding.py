@@ -33,9 +33,8 @@ LOGICAL_RULES = (
 
 
 def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, ...]:
+    # MeshConfig has checked the sizes (each >= 1 or -1, at most one -1) when it was built.
     sizes = [getattr(cfg, axis) for axis in MESH_AXES]
-    if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-        raise ValueError(f"mesh sizes must be positive with at most one -1, got {sizes}")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if num_devices % known:
