@@ -28,6 +28,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--variants", help=f"comma-separated subset of {','.join(ablation.VARIANTS)}"
     )
+    parser.add_argument("--lr", type=float, help="peak learning rate (the preset's if unset)")
     parser.add_argument("--backend", help="model.gdn2_backend (e.g. xla; the preset's if unset)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
@@ -43,6 +44,8 @@ def config_from(args: argparse.Namespace) -> ablation.AblationConfig:
         changes["seeds"] = args.seeds
     if args.variants:
         changes["variants"] = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+    if args.lr is not None:
+        changes["optimizer"] = dataclasses.replace(cfg.optimizer, lr=args.lr)
     if args.backend:
         changes["model"] = dataclasses.replace(cfg.model, gdn2_backend=args.backend)
     return cfg.replace(**changes)

@@ -105,10 +105,17 @@ class AblationConfig:
         return dataclasses.replace(self, **changes)
 
 
-def tasks_for(head_dim: int, seq_len: int, vocab_size: int, pairs_per_dim: float):
-    """The three tasks: MQAR with `pairs_per_dim` x K pairs, version recall (half that many
-    keys, each re-written twice on average) and a quarter as many keyed needles in a filler
-    haystack, half of them asked (the rest are distractors)."""
+def tasks_for(
+    head_dim: int,
+    seq_len: int,
+    vocab_size: int,
+    pairs_per_dim: float,
+    easy_pairs_per_dim: float = 0,
+):
+    """The tasks: MQAR with `pairs_per_dim` x K pairs, version recall (half that many keys, each
+    re-written twice on average) and a quarter as many keyed needles in a filler haystack, half
+    of them asked (the rest are distractors); with `easy_pairs_per_dim`, also an MQAR that far
+    below capacity, whose easy gradient teaches the recall mechanism the harder tasks need."""
     pairs = max(2, round(pairs_per_dim * head_dim))
     keys = max(2, pairs // 2)
     mqar = RecallConfig("mqar", vocab_size, pairs, min(pairs, (seq_len - 2 * pairs) // 2))
@@ -118,7 +125,11 @@ def tasks_for(head_dim: int, seq_len: int, vocab_size: int, pairs_per_dim: float
     )
     needles = max(2, pairs // 4)
     needle = RecallConfig("needle", vocab_size, needles, max(1, needles // 2))
-    return (Task("mqar", mqar), Task("overwrite", overwrite), Task("mk_needle", needle))
+    tasks = (Task("mqar", mqar), Task("overwrite", overwrite), Task("mk_needle", needle))
+    if easy_pairs_per_dim:
+        easy = max(2, round(easy_pairs_per_dim * head_dim))
+        tasks = (Task("mqar_easy", RecallConfig("mqar", vocab_size, easy, easy)), *tasks)
+    return tasks
 
 
 def _preset(name: str) -> AblationConfig:
@@ -134,24 +145,35 @@ def _preset(name: str) -> AblationConfig:
             optimizer=OptimizerConfig(lr=3e-3, warmup_steps=2),
         )  # fmt: skip
     if name == "h200":
-        # ~8M parameters, 4 heads of K = V = 64 per layer: MQAR stores 64 pairs per 64-dim
-        # head key space, version recall re-writes 32 keys twice on average, and 16 needles
-        # hide in 512 tokens of filler. (1.5 pairs per key dimension at K = 16 stayed at chance
-        # for 400 CPU steps, so this preset stops at 1.0.)
+        # ~10M parameters, 4 blocks of 4 heads with K = V = 64: MQAR stores 64 pairs per 64-dim
+        # head key space, version recall re-writes 32 keys twice on average, 16 needles hide in
+        # 512 tokens of filler, and a 16-pair MQAR teaches the recall mechanism. (Without that
+        # task, at lr 2e-3, every variant stayed at chance for 600 steps.)
         model = ModelConfig.preset(
-            "small", vocab_size=512, hidden_size=384, intermediate_size=1024,
-            block_pattern=("gdn2",) * 4, gdn2_num_heads=4, gdn2_head_dim=64,
-            dtype="bfloat16",
+            "small", vocab_size=512, hidden_size=512, intermediate_size=1536,
+            gdn2_num_heads=4, gdn2_head_dim=64, dtype="bfloat16",
         )  # fmt: skip
         return AblationConfig(
-            model=model, tasks=tasks_for(64, 512, 512, 1.0), seq_len=512, batch_size=32,
-            steps=1000, eval_every=100, eval_batches=2, seeds=3, num_workers=6,
-            optimizer=OptimizerConfig(lr=2e-3, warmup_steps=100),
+            model=model, tasks=tasks_for(64, 512, 512, 1.0, 0.25), seq_len=512, batch_size=32,
+            steps=2000, eval_every=200, eval_batches=2, seeds=3, num_workers=8,
+            optimizer=OptimizerConfig(lr=1e-3, warmup_steps=100, weight_decay=0.1),
+        )  # fmt: skip
+    if name == "h200-small":
+        # The same tasks at half the key dimension and length for a ~0.5M-parameter model:
+        # 2 blocks of 2 heads with K = V = 32.
+        model = ModelConfig.preset(
+            "tiny", vocab_size=256, hidden_size=128, intermediate_size=384,
+            gdn2_num_heads=2, gdn2_head_dim=32, dtype="bfloat16",
+        )  # fmt: skip
+        return AblationConfig(
+            model=model, tasks=tasks_for(32, 256, 256, 1.0, 0.25), seq_len=256, batch_size=32,
+            steps=2000, eval_every=200, eval_batches=2, seeds=3, num_workers=8,
+            optimizer=OptimizerConfig(lr=1e-3, warmup_steps=100, weight_decay=0.1),
         )  # fmt: skip
     raise ValueError(f"unknown ablation preset {name!r}; choose from {PRESET_NAMES}")
 
 
-PRESET_NAMES = ("tiny", "h200")
+PRESET_NAMES = ("tiny", "h200", "h200-small")
 
 
 def preset(name: str, **changes: Any) -> AblationConfig:
