@@ -145,35 +145,27 @@ def _preset(name: str) -> AblationConfig:
             optimizer=OptimizerConfig(lr=3e-3, warmup_steps=2),
         )  # fmt: skip
     if name == "h200":
-        # ~10M parameters, 4 blocks of 4 heads with K = V = 64: MQAR stores 64 pairs per 64-dim
-        # head key space, version recall re-writes 32 keys twice on average, 16 needles hide in
-        # 512 tokens of filler, and a 16-pair MQAR teaches the recall mechanism. (Without that
-        # task, at lr 2e-3, every variant stayed at chance for 600 steps.)
-        model = ModelConfig.preset(
-            "small", vocab_size=512, hidden_size=512, intermediate_size=1536,
-            gdn2_num_heads=4, gdn2_head_dim=64, dtype="bfloat16",
-        )  # fmt: skip
-        return AblationConfig(
-            model=model, tasks=tasks_for(64, 512, 512, 1.0, 0.25), seq_len=512, batch_size=32,
-            steps=2000, eval_every=200, eval_batches=2, seeds=3, num_workers=8,
-            optimizer=OptimizerConfig(lr=1e-3, warmup_steps=100, weight_decay=0.1),
-        )  # fmt: skip
-    if name == "h200-small":
-        # The same tasks at half the key dimension and length for a ~0.5M-parameter model:
-        # 2 blocks of 2 heads with K = V = 32.
+        # ~0.5M parameters, 2 blocks of 2 heads with K = V = 32: MQAR stores 32 pairs per
+        # 32-dim head key space, version recall re-writes 16 keys twice on average, 8 needles
+        # hide in 256 tokens of filler, and an 8-pair MQAR teaches the recall mechanism.
+        # Calibrated on the H200 (benchmarks/RESULTS.md): GDN-2 at 2000 steps was still
+        # climbing; without the easy task (4 blocks, hidden 384, K = 64, lr 2e-3) every variant
+        # stayed at chance for 600 steps; a 13.5M-parameter version (hidden 512, 4 blocks of
+        # 4 heads of K = 64, length 512) did not finish 2000 steps in 165 s, too slow for the
+        # variants x seeds this ablation runs.
         model = ModelConfig.preset(
             "tiny", vocab_size=256, hidden_size=128, intermediate_size=384,
             gdn2_num_heads=2, gdn2_head_dim=32, dtype="bfloat16",
         )  # fmt: skip
         return AblationConfig(
             model=model, tasks=tasks_for(32, 256, 256, 1.0, 0.25), seq_len=256, batch_size=32,
-            steps=2000, eval_every=200, eval_batches=2, seeds=3, num_workers=8,
+            steps=4000, eval_every=400, eval_batches=2, seeds=5, num_workers=8,
             optimizer=OptimizerConfig(lr=1e-3, warmup_steps=100, weight_decay=0.1),
         )  # fmt: skip
     raise ValueError(f"unknown ablation preset {name!r}; choose from {PRESET_NAMES}")
 
 
-PRESET_NAMES = ("tiny", "h200", "h200-small")
+PRESET_NAMES = ("tiny", "h200")
 
 
 def preset(name: str, **changes: Any) -> AblationConfig:
