@@ -53,6 +53,22 @@ def test_fused_step_equals_unfused_step():
     assert kernel_names(lambda x: unfused.step(x, cache), x) == {SERIAL: 1}
 
 
+def test_fused_step_in_bfloat16_equals_unfused_step():
+    """bf16 weights and compute at K = V = 128: both paths round the same intermediates to bf16,
+    so they agree to a few bf16 ulps (2**-8), far below a wrong gate or layout (errors near 1)."""
+    kw = dict(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, interpret=True)
+    fused, unfused = (
+        GatedDeltaRule2(256, 2, 128, decode=mode, rngs=nnx.Rngs(0), **kw)
+        for mode in ("fused", "unfused")
+    )
+    x = jax.random.normal(jax.random.key(2), (3, 256), jnp.bfloat16)
+    (y_f, cache_f), (y_u, cache_u) = _steps(fused, x, 4), _steps(unfused, x, 4)
+    assert rel_err(y_f.astype(jnp.float32), y_u.astype(jnp.float32)) < 2e-2
+    for got, want in zip(cache_f, cache_u, strict=True):
+        assert got.dtype == want.dtype
+        assert rel_err(got.astype(jnp.float32), want.astype(jnp.float32)) < 2e-2
+
+
 def _decode_logits(model, token, caches):
     return model.decode_step(token, caches)[0]
 

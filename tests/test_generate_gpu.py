@@ -50,8 +50,12 @@ def test_fused_step_in_bfloat16_and_its_kernel_on_gpu():
     """One layer, bf16 weights and compute, 16 steps: both paths round the same intermediates to
     bf16, so they agree to a few bf16 ulps (2**-8 ≈ 4e-3) where the kernel's float32 sums round
     differently from XLA's; 2e-2 is far below a wrong gate or layout (errors near 1)."""
-    kw = dict(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
-    fused, unfused = (GatedDeltaRule2(2304, 16, 128, decode=m, **kw) for m in ("fused", "unfused"))
+    # A fresh Rngs(0) per layer: one shared Rngs would give the two layers different weights.
+    kw = dict(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    fused, unfused = (
+        GatedDeltaRule2(2304, 16, 128, decode=m, rngs=nnx.Rngs(0), **kw)
+        for m in ("fused", "unfused")
+    )
     x = jax.random.normal(jax.random.key(2), (8, 2304), jnp.bfloat16)
     cache = fused.init_cache(8)
     assert kernel_names(lambda x: fused.step(x, cache), x) == {FUSED: 1}
