@@ -3,6 +3,7 @@ recall tasks that load the state, several seeds per variant (`gdn2_jax.ablation`
 
     python benchmarks/gate_ablation.py --preset h200 --out runs/gate_ablation
     python benchmarks/gate_ablation.py --preset tiny --out /tmp/abl   # CPU smoke run
+    python benchmarks/gate_ablation.py --merge a/gate_ablation.json b/gate_ablation.json --out c
 
 Writes `gate_ablation.json` (per-run curves and final accuracies, rewritten after each variant)
 and `gate_ablation.md` (the table of means and 95% intervals, and the measured ordering) to
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 from pathlib import Path
 
@@ -30,6 +32,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--lr", type=float, help="peak learning rate (the preset's if unset)")
     parser.add_argument("--backend", help="model.gdn2_backend (e.g. xla; the preset's if unset)")
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        type=Path,
+        metavar="JSON",
+        help="write one result from these gate_ablation.json files (variants run in pieces) "
+        "instead of training",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
 
@@ -54,12 +64,18 @@ def config_from(args: argparse.Namespace) -> ablation.AblationConfig:
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     try:
-        cfg = config_from(args)
-    except ValueError as e:
+        if args.merge:
+            results = ablation.merge([json.loads(p.read_text()) for p in args.merge])
+        else:
+            cfg = config_from(args)
+    except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    results = ablation.run(cfg, args.out / "gate_ablation.json", progress=not args.no_progress)
+    if args.merge:
+        (args.out / "gate_ablation.json").write_text(json.dumps(results))
+    else:
+        results = ablation.run(cfg, args.out / "gate_ablation.json", progress=not args.no_progress)
     report = ablation.report(results)
     (args.out / "gate_ablation.md").write_text(report)
     print(report)

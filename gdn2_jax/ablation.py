@@ -301,7 +301,7 @@ def run_variant(cfg: AblationConfig, variant: str, *, progress: bool = True) -> 
         "intermediate_size": model.intermediate_size,
         "params": param_count(model),
         "state_floats_per_layer": _state_size(model),
-        "train_loss": _seeds_major(losses),
+        "train_loss": loss_curve(_seeds_major(losses)),
         "eval_steps": eval_steps,
         "eval_accuracy": {name: _seeds_major(c) for name, c in curves.items()},
         "final_accuracy": final,
@@ -314,6 +314,12 @@ def run_variant(cfg: AblationConfig, variant: str, *, progress: bool = True) -> 
 def _seeds_major(rows: list) -> list:
     """Per-step arrays [seeds] -> nested lists [seeds][steps]."""
     return np.stack([np.asarray(r) for r in rows], axis=1).tolist()
+
+
+def loss_curve(per_seed: list) -> list:
+    """Train losses [seeds][steps] to 4 decimals: they are only plotted, and at thousands of steps
+    full float repr would make the JSON megabytes."""
+    return np.round(np.asarray(per_seed, np.float64), 4).tolist()
 
 
 def _state_size(model: ModelConfig) -> int:
@@ -339,8 +345,36 @@ def run(
     for variant in cfg.variants:
         results["runs"].append(run_variant(cfg, variant, progress=progress))
         if out is not None:
-            Path(out).write_text(json.dumps(results, indent=1))
+            Path(out).write_text(json.dumps(results))
     return results
+
+
+def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result from runs of the same configuration made in pieces (e.g. a few variants per
+    device call): the runs concatenated in order, the config naming every variant run."""
+    first = parts[0]["config"]
+    for part in parts[1:]:
+        other = part["config"]
+        differing = sorted(
+            k
+            for k in first.keys() | other.keys()
+            if k != "variants" and first.get(k) != other.get(k)
+        )
+        if differing or part["device"] != parts[0]["device"]:
+            raise ValueError(
+                f"cannot merge ablation results that differ in {differing or ['device']}"
+            )
+    runs = [
+        {**run, "train_loss": loss_curve(run["train_loss"])}
+        for part in parts
+        for run in part["runs"]
+    ]
+    variants = [run["variant"] for run in runs]
+    if len(set(variants)) != len(variants):
+        raise ValueError(f"cannot merge ablation results that repeat variants: {variants}")
+    config = {**first, "variants": variants}
+    dates = sorted({part["date"] for part in parts})
+    return {**parts[0], "config": config, "date": " / ".join(dates), "runs": runs}
 
 
 def interval(values) -> tuple[float, float]:

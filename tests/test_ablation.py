@@ -67,3 +67,20 @@ def test_bad_config_names_the_field():
         ablation.preset("tiny", seeds=0)
     with pytest.raises(ValueError, match="unknown ablation preset"):
         ablation.preset("huge")
+
+
+def _part(variants: tuple[str, ...], **config_changes) -> dict:
+    cfg = ablation.preset("tiny", variants=variants, **config_changes)
+    runs = [{"variant": v, "train_loss": [[1.234567, 0.5]]} for v in variants]
+    return {"config": ablation.config_dict(cfg), "device": "cpu", "date": "d", "runs": runs}
+
+
+def test_merge_joins_variants_run_in_pieces_and_refuses_different_runs():
+    merged = ablation.merge([_part(("gdn2", "kda")), _part(("gdn",))])
+    assert [r["variant"] for r in merged["runs"]] == ["gdn2", "kda", "gdn"]
+    assert merged["config"]["variants"] == ["gdn2", "kda", "gdn"]
+    assert merged["runs"][0]["train_loss"] == [[1.2346, 0.5]]
+    with pytest.raises(ValueError, match=r"differ in \['steps'\]"):
+        ablation.merge([_part(("gdn2",)), _part(("kda",), steps=13)])
+    with pytest.raises(ValueError, match="repeat variants"):
+        ablation.merge([_part(("gdn2",)), _part(("gdn2",))])
