@@ -322,13 +322,13 @@ class GatedDeltaRule2(nnx.Module):
         cache is the one after that many tokens. Padding tokens run with g = 0 and b = w = 0,
         which leaves the state exactly as it was, and the conv history is read at each length.
         """
-        # From zeros, the op starts from its own zero state: a zero state passed in would be a
-        # constant whose value checks XLA folds at compile time (seconds at [64, H, 128, 128]).
-        fresh = cache is None
-        cache = cache or self.init_cache(x.shape[0])
-        return self._sequence(x, segment_ids=None, cache=cache, lengths=lengths, fresh=fresh)
+        # From zeros, S=None lets the op start from its own zero state: a zero state passed in
+        # would be a constant whose value checks XLA folds at compile time (seconds at
+        # [64, H, 128, 128]).
+        cache = cache or self.init_cache(x.shape[0])._replace(S=None)
+        return self._sequence(x, segment_ids=None, cache=cache, lengths=lengths)
 
-    def _sequence(self, x, *, segment_ids, cache, lengths=None, fresh=False):
+    def _sequence(self, x, *, segment_ids, cache, lengths=None):
         # Prefill (a cache) keeps whole sequences per device: decoding continues from its state.
         split = cache is None and sharded.context_axis(x.shape[1]) is not None
         caches = (None,) * 3 if cache is None else cache[:3]
@@ -344,7 +344,7 @@ class GatedDeltaRule2(nnx.Module):
             g, b, w = _hold_state_after(lengths, g, b, w)
         o, S = self._rule(
             q, k, v, g, b, w,
-            initial_state=None if cache is None or fresh else cache.S,
+            initial_state=None if cache is None else cache.S,
             output_final_state=cache is not None,
             split=split,
         )  # fmt: skip
