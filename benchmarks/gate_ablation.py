@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -63,6 +64,7 @@ def config_from(args: argparse.Namespace) -> ablation.AblationConfig:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     try:
         if args.merge:
             results = ablation.merge([json.loads(p.read_text()) for p in args.merge])
