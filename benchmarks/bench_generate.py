@@ -236,21 +236,24 @@ def time_layers(cfg: ModelConfig, args) -> list[LayerRow]:
     return rows
 
 
-def print_rows(rows: list[Row]) -> None:
+def print_header() -> None:
     print(f"{jax.devices()[0].device_kind}, {jax.default_backend()}")
     print(
         f"{'preset':12s} {'variant':24s} {'B':>3s} {'prompt':>6s} {'new':>4s} {'prefill ms':>10s} "
         f"{'decode ms/tok':>13s} {'generate ms':>11s} {'overhead ms':>11s} "
-        f"{'generate() ms':>13s} {'decode tok/s':>12s} {'tok/s':>9s}"
+        f"{'generate() ms':>13s} {'decode tok/s':>12s} {'tok/s':>9s}",
+        flush=True,
     )
-    for r in rows:
-        print(
-            f"{r.preset:12s} {r.variant:24s} {r.batch:3d} {r.prompt_len:6d} {r.new_tokens:4d} "
-            f"{r.prefill_ms:10.2f} {r.decode_ms_per_token:13.3f} {r.generate_ms:11.1f} "
-            f"{r.overhead_ms:11.2f} {r.generate_fn_ms:13.1f} {r.decode_tokens_per_s:12.0f} "
-            f"{r.tokens_per_s:9.0f}",
-            flush=True,
-        )
+
+
+def print_row(r: Row) -> None:
+    print(
+        f"{r.preset:12s} {r.variant:24s} {r.batch:3d} {r.prompt_len:6d} {r.new_tokens:4d} "
+        f"{r.prefill_ms:10.2f} {r.decode_ms_per_token:13.3f} {r.generate_ms:11.1f} "
+        f"{r.overhead_ms:11.2f} {r.generate_fn_ms:13.1f} {r.decode_tokens_per_s:12.0f} "
+        f"{r.tokens_per_s:9.0f}",
+        flush=True,
+    )
 
 
 def print_layer_rows(rows: list[LayerRow]) -> None:
@@ -261,29 +264,38 @@ def print_layer_rows(rows: list[LayerRow]) -> None:
         print(f"{r.batch:3d} {r.impl:28s} {us} {r.note}", flush=True)
 
 
+def write_json(path: str | None, rows: list[Row], layer_rows: list[LayerRow]) -> None:
+    if not path:
+        return
+    with open(path, "w") as f:
+        json.dump(
+            {
+                "device": jax.devices()[0].device_kind,
+                "generate": [dataclasses.asdict(r) for r in rows],
+                "layer_step": [dataclasses.asdict(r) for r in layer_rows],
+            },
+            f,
+            indent=1,
+        )
+
+
 def main(argv=None):
     args = parse_args(argv)
     rows = []
+    print_header()
+    # Each row is printed and saved as it finishes, so a run cut short keeps what it measured.
     for preset in args.presets:
         for variant in args.variants:
             cfg = model_config(preset, args.dtype, variant)
-            rows += [time_generate(cfg, b, args, preset, variant) for b in args.batches]
-    print_rows(rows)
+            for b in args.batches:
+                rows.append(time_generate(cfg, b, args, preset, variant))
+                print_row(rows[-1])
+                write_json(args.json, rows, [])
     layer_rows = []
     if not args.no_layers:
         layer_rows = time_layers(model_config(args.presets[0], args.dtype, args.variants[0]), args)
         print_layer_rows(layer_rows)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(
-                {
-                    "device": jax.devices()[0].device_kind,
-                    "generate": [dataclasses.asdict(r) for r in rows],
-                    "layer_step": [dataclasses.asdict(r) for r in layer_rows],
-                },
-                f,
-                indent=1,
-            )
+    write_json(args.json, rows, layer_rows)
 
 
 if __name__ == "__main__":

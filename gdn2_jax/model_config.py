@@ -52,8 +52,8 @@ class ModelConfig:
     gdn2_recurrent_backend: Literal[RECURRENT_BACKENDS] = "auto"
     gdn2_interpret: bool = False
     # The decoding step: "fused" (one Pallas kernel), "unfused", or "auto" (fused where it can
-    # run). "unfused" by default until the fused kernel has passed its GPU tests.
-    gdn2_decode: Literal[DECODE_MODES] = "unfused"
+    # run, which is a GPU or interpret mode).
+    gdn2_decode: Literal[DECODE_MODES] = "auto"
     chunk_size: int = 64
     # attention mixers ("swa", "attn")
     attn_num_heads: int = 18

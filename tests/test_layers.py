@@ -131,17 +131,17 @@ def _kernels(layer, T, *, step=False):
 def test_each_form_runs_its_kernel():
     """Training always runs the chunk kernels; inference inputs of at most SHORT_INPUT_LEN tokens,
     mode="recurrent" run the token-serial kernel, and nothing else; the decoding step runs the
-    token-serial kernel (decode="unfused", the default), or the fused step kernel with
-    decode="auto"."""
+    fused step kernel (decode="auto", the default, where it can run), or the token-serial kernel
+    with decode="unfused"."""
     layer = _layer(interpret=True)
     assert _kernels(layer, SHORT_INPUT_LEN)[CHUNK_KERNEL] == 1
     assert SERIAL_KERNEL not in _kernels(layer, 1)
     layer.eval()
     assert _kernels(layer, SHORT_INPUT_LEN) == {SERIAL_KERNEL: 1}
     assert _kernels(layer, SHORT_INPUT_LEN + 1)[CHUNK_KERNEL] == 1
-    assert _kernels(layer, 1, step=True) == {SERIAL_KERNEL: 1}
-    fused = _layer(interpret=True, decode="auto")
-    assert _kernels(fused, 1, step=True) == {FUSED_DECODE_KERNEL: 1}
+    assert _kernels(layer, 1, step=True) == {FUSED_DECODE_KERNEL: 1}
+    unfused = _layer(interpret=True, decode="unfused")
+    assert _kernels(unfused, 1, step=True) == {SERIAL_KERNEL: 1}
     recurrent = _layer(mode="recurrent", interpret=True)
     assert _kernels(recurrent, 3 * SHORT_INPUT_LEN) == {SERIAL_KERNEL: 1}
 

@@ -114,8 +114,8 @@ class GatedDeltaRule2(nnx.Module):
     form's (see `gdn2_jax.ops.registry`; "auto" takes the first that supports the inputs);
     `decode` the decoding `step`'s: "fused" (everything between the projection matmuls in one
     Pallas kernel, `pallas_kernels.decode`), "unfused" (XLA ops around the token-serial op) or
-    "auto" (fused where it can run, else unfused; `fused_decode_unsupported` says why not);
-    the default is "unfused" until the fused kernel has passed its GPU tests;
+    "auto" (the default: fused where it can run, else unfused; `fused_decode_unsupported` says
+    why not);
     `interpret=True` runs Pallas kernels in interpret mode (tests off a GPU).
     """
 
@@ -135,7 +135,7 @@ class GatedDeltaRule2(nnx.Module):
         gate_mode: str = "gdn2",
         backend: str = "auto",
         recurrent_backend: str = "auto",
-        decode: str = "unfused",
+        decode: str = "auto",
         chunk_size: int = 64,
         interpret: bool = False,
         dtype=None,
