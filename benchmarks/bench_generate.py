@@ -7,7 +7,8 @@ with fla's token-serial GDN-2 layer step in PyTorch beside ours, per layer.
 
 Weights and compute in bfloat16 (`--dtype`), random init, random prompts of `--prompt-len`
 tokens and `--new-tokens` new ones, greedy. Per row, from one `gdn2_jax.generate.Generator`:
-`prefill ms` (its compiled prefill of the prompt and first sample), `decode ms/tok` (its
+`prefill ms` (its compiled prefill of the prompt and first sample, `rows` prompt rows at a time
+as `--prefill-tokens` allows), `decode ms/tok` (its
 compiled decode loop over the other new tokens, divided by their number), `generate ms`
 (`Generator.generate` end to end) and `overhead ms` = generate − prefill − (N − 1) · decode;
 `generate() ms` is the module-level `generate`, which splits the model's graph on every call.
@@ -36,7 +37,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gdn2_jax.config import apply_overrides
-from gdn2_jax.generate import Generator, generate
+from gdn2_jax.generate import PREFILL_TOKENS, Generator, generate
 from gdn2_jax.layers import GatedDeltaRule2
 from gdn2_jax.model import CausalLM
 from gdn2_jax.model_config import ModelConfig
@@ -50,6 +51,7 @@ class Row:
     batch: int
     prompt_len: int
     new_tokens: int
+    prefill_rows: int
     prefill_ms: float
     decode_ms_per_token: float
     generate_ms: float
@@ -79,6 +81,10 @@ def parse_args(argv=None):
     parser.add_argument("--new-tokens", type=int, default=256 if on_gpu else 8)
     parser.add_argument("--variants", nargs="+", default=[""], help="ModelConfig overrides")
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument(
+        "--prefill-tokens", type=int, default=PREFILL_TOKENS,
+        help="Generator(prefill_tokens=...): prompt tokens prefilled at once; 0 for all rows",
+    )  # fmt: skip
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--layer-steps", type=int, default=200 if on_gpu else 4)
     parser.add_argument("--no-fla", action="store_true", help="skip fla's PyTorch layer step")
@@ -114,7 +120,7 @@ def time_generate(cfg: ModelConfig, batch: int, args, preset: str, variant: str)
     model = CausalLM(cfg, rngs=nnx.Rngs(0))
     prompt = jax.random.randint(jax.random.key(1), (batch, args.prompt_len), 0, cfg.vocab_size)
     N = args.new_tokens
-    gen = Generator(model)
+    gen = Generator(model, prefill_tokens=args.prefill_tokens or None)
     # The Generator's own compiled pieces, called as `Generator.generate` calls them.
     lengths = jnp.full((batch,), args.prompt_len, jnp.int32)
     eos, pad = jnp.full((batch,), -1, jnp.int32), jnp.asarray(0, jnp.int32)
@@ -123,8 +129,9 @@ def time_generate(cfg: ModelConfig, batch: int, args, preset: str, variant: str)
 
     def prefill():
         return gen.prefill_fn(
-            gen.state, prompt, lengths, eos, keys[0], max_len=max_len, sampling=gen.sampling
-        )
+            gen.state, prompt, lengths, eos, keys[0],
+            max_len=max_len, sampling=gen.sampling, rows=gen.rows(prompt),
+        )  # fmt: skip
 
     carry = jax.block_until_ready(prefill())
 
@@ -135,7 +142,7 @@ def time_generate(cfg: ModelConfig, batch: int, args, preset: str, variant: str)
         return gen.generate(prompt, max_new_tokens=N)
 
     def whole_fn():
-        return generate(model, prompt, max_new_tokens=N)
+        return generate(model, prompt, max_new_tokens=N, prefill_tokens=gen.prefill_tokens)
 
     for fn in (decode, whole, whole_fn):
         jax.block_until_ready(fn())  # compile, then one warm call
@@ -150,6 +157,7 @@ def time_generate(cfg: ModelConfig, batch: int, args, preset: str, variant: str)
         batch=batch,
         prompt_len=args.prompt_len,
         new_tokens=N,
+        prefill_rows=gen.rows(prompt),
         prefill_ms=prefill_s * 1e3,
         decode_ms_per_token=step_s * 1e3,
         generate_ms=whole_s * 1e3,
@@ -239,7 +247,8 @@ def time_layers(cfg: ModelConfig, args) -> list[LayerRow]:
 def print_header() -> None:
     print(f"{jax.devices()[0].device_kind}, {jax.default_backend()}")
     print(
-        f"{'preset':12s} {'variant':24s} {'B':>3s} {'prompt':>6s} {'new':>4s} {'prefill ms':>10s} "
+        f"{'preset':12s} {'variant':24s} {'B':>3s} {'prompt':>6s} {'new':>4s} {'rows':>4s} "
+        f"{'prefill ms':>10s} "
         f"{'decode ms/tok':>13s} {'generate ms':>11s} {'overhead ms':>11s} "
         f"{'generate() ms':>13s} {'decode tok/s':>12s} {'tok/s':>9s}",
         flush=True,
@@ -249,9 +258,9 @@ def print_header() -> None:
 def print_row(r: Row) -> None:
     print(
         f"{r.preset:12s} {r.variant:24s} {r.batch:3d} {r.prompt_len:6d} {r.new_tokens:4d} "
-        f"{r.prefill_ms:10.2f} {r.decode_ms_per_token:13.3f} {r.generate_ms:11.1f} "
-        f"{r.overhead_ms:11.2f} {r.generate_fn_ms:13.1f} {r.decode_tokens_per_s:12.0f} "
-        f"{r.tokens_per_s:9.0f}",
+        f"{r.prefill_rows:4d} {r.prefill_ms:10.2f} {r.decode_ms_per_token:13.3f} "
+        f"{r.generate_ms:11.1f} {r.overhead_ms:11.2f} {r.generate_fn_ms:13.1f} "
+        f"{r.decode_tokens_per_s:12.0f} {r.tokens_per_s:9.0f}",
         flush=True,
     )
 

@@ -173,6 +173,7 @@ class CheckpointConfig:
 @dataclasses.dataclass(frozen=True)
 class LoggingConfig:
     every_steps: int = 10
+    # False writes a line per log step instead (what a batch job's log shows of its progress).
     progress_bar: bool = True
     tensorboard: bool = True
     # Peak FLOP/s of one device for MFU; 0 looks the device up in a table (unknown -> no MFU).

@@ -194,6 +194,8 @@ class Tracker:
         )
         self.last: dict[str, float] = {}
         self._first = True
+        # Without a progress bar, a line per log step is what shows a run's progress in its log.
+        self._log_lines = not cfg.logging.progress_bar and jax.process_index() == 0
 
     def record(self, step: int, device_metrics: dict[str, jax.Array]) -> None:
         values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
@@ -207,6 +209,8 @@ class Tracker:
             values |= self.throughput.measure(step)
             self.writer.write("train", step, values)
             self.bar.set_postfix(metrics_lib.format_postfix(values), refresh=False)
+            if self._log_lines:
+                self.bar.write(f"step {step}: train " + _fmt(values))
         self.last = values
 
 

@@ -9,7 +9,14 @@ import pytest
 from flax import nnx
 from testing import rel_err
 
-from gdn2_jax.generate import GREEDY, Generator, SamplingConfig, generate, sample_logits
+from gdn2_jax.generate import (
+    GREEDY,
+    Generator,
+    SamplingConfig,
+    generate,
+    prefill_rows,
+    sample_logits,
+)
 from gdn2_jax.layers import GatedDeltaRule2
 from gdn2_jax.model import CausalLM
 from gdn2_jax.model_config import ModelConfig
@@ -130,6 +137,41 @@ def test_ragged_prompts_equal_separate_generates(preset):
         assert (out[i, L + N :] == -1).all()
 
 
+def test_prefill_rows_divide_the_batch_within_the_token_budget():
+    assert prefill_rows(64, 2048, 32768) == 16
+    assert prefill_rows(8, 2048, 32768) == 8  # within the budget: all rows at once
+    assert prefill_rows(6, 100, 250) == 2
+    assert prefill_rows(7, 100, 250) == 1  # 7 has no divisor in 2..2
+    assert prefill_rows(3, 1000, 10) == 1  # one row over the budget still runs
+    assert prefill_rows(64, 2048, None) == 64
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-hybrid"], ids=["recurrent", "hybrid"])
+def test_prefill_in_groups_of_rows_equals_all_rows_at_once(preset):
+    """A budget of two rows' tokens prefills four ragged rows as two groups, one after the other
+    (a scan over the groups in the program): the same first logits and caches, to float32
+    rounding, and the same greedy tokens."""
+    cfg = ModelConfig.preset(preset)
+    model = _inference(CausalLM(cfg, rngs=nnx.Rngs(4)))
+    lengths = np.array([70, 3, 41, 66], np.int32)
+    prompt = _tokens(4, 70, cfg.vocab_size, seed=8)
+    grouped, whole = Generator(model, prefill_tokens=140), Generator(model, prefill_tokens=None)
+    assert (grouped.rows(prompt), whole.rows(prompt)) == (2, 4)
+    eos, key = jnp.full((4,), -1, jnp.int32), jax.random.key(0)
+    args = (prompt, jnp.asarray(lengths), eos, key)
+    program = grouped.prefill_fn.lower(grouped.state, *args, max_len=80, sampling=GREEDY, rows=2)
+    assert "while" in program.as_text()
+    first = [
+        g.prefill_fn(g.state, *args, max_len=80, sampling=GREEDY, rows=g.rows(prompt))
+        for g in (grouped, whole)
+    ]
+    for a, b in zip(jax.tree.leaves(first[0]), jax.tree.leaves(first[1]), strict=True):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=1e-5)
+    kw = dict(max_new_tokens=6, prompt_lengths=lengths)
+    np.testing.assert_array_equal(grouped.generate(prompt, **kw), whole.generate(prompt, **kw))
+
+
 def test_stream_yields_generate_tokens_and_stops_per_row():
     """Blocks (the first token, then 3 at a time) concatenate to generate's new tokens, with a
     stop token per row; the stream ends with the block in which the last row stops."""
@@ -161,7 +203,7 @@ def test_decode_loop_has_a_static_trip_count():
     B, N = 2, 7
     lengths, eos, pad = jnp.full((B,), 5, jnp.int32), jnp.full((B,), -1, jnp.int32), jnp.int32(0)
     args = (jnp.zeros((B, 5), jnp.int32), lengths, eos, pad, jax.random.key(0))
-    hlo = gen.generate_fn.lower(gen.state, *args, max_new_tokens=N, sampling=GREEDY)
+    hlo = gen.generate_fn.lower(gen.state, *args, max_new_tokens=N, sampling=GREEDY, rows=B)
     text = hlo.compile().as_text()
     loops = re.findall(r"while\(.*known_trip_count\":\{\"n\":\"(\d+)\"", text)
     assert str(N - 1) in loops, loops
@@ -228,6 +270,9 @@ def test_bad_generate_arguments():
         generate(model, prompt, max_new_tokens=2, pad_id=0.5)
     with pytest.raises(ValueError, match="every"):
         next(Generator(model).stream(prompt, max_new_tokens=2, every=0))
+    for bad in (0, 2.5):
+        with pytest.raises(ValueError, match="prefill_tokens must be an int >= 1 or None"):
+            Generator(model, prefill_tokens=bad)
 
 
 def test_sampling_without_rng_is_an_error_not_one_fixed_sample():

@@ -212,7 +212,9 @@ def _diverge_at(monkeypatch, bad_step: int, metric: str, value: float) -> None:
 
 
 @pytest.mark.parametrize("metric,value", [("loss", math.nan), ("grad_norm", math.inf)])
-def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, metric, value):
+def test_divergence_stops_and_keeps_last_good_checkpoint(
+    tmp_path, monkeypatch, capsys, metric, value
+):
     _diverge_at(monkeypatch, 3, metric, value)
     cfg = tiny_config(tmp_path, "checkpoint.every_steps=2")
     expected = re.escape(f"diverged at step 3: {{'{metric}'") + ".*checkpoint is step 2 in"
@@ -225,6 +227,8 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, 
     summary = trainer.train(cfg)
     assert summary["step"] == 8 and math.isfinite(summary["train"]["loss"])
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4, 5, 6, 7, 8]
+    # Without a progress bar each log step is a line of the run's output.
+    assert re.search(r"^step 8: train .* loss=", capsys.readouterr().out, re.M)
 
 
 def test_vocab_mismatch_is_refused(tmp_path):
