@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 NAME = "gdn2_manifest.json"
@@ -22,15 +23,24 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def _sha256s(paths: list[Path]) -> list[str]:
+    """The files' digests, several at a time: hashlib releases the GIL while it hashes, and a
+    large model's step holds gigabytes in several files."""
+    with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
+        return list(pool.map(_sha256, paths))
+
+
 def _files(step_dir: Path) -> list[str]:
     names = (p.relative_to(step_dir).as_posix() for p in step_dir.rglob("*") if p.is_file())
     return sorted(n for n in names if not n.startswith(NAME))
 
 
 def write(step_dir: Path, step: int) -> None:
+    names = _files(step_dir)
+    digests = _sha256s([step_dir / name for name in names])
     files = {
-        name: {"size": (step_dir / name).stat().st_size, "sha256": _sha256(step_dir / name)}
-        for name in _files(step_dir)
+        name: {"size": (step_dir / name).stat().st_size, "sha256": digest}
+        for name, digest in zip(names, digests, strict=True)
     }
     tmp = step_dir / f"{NAME}.tmp"
     with tmp.open("w") as f:
@@ -67,14 +77,18 @@ def problems(step_dir: Path, step: int) -> list[str]:
     files, why = _read(step_dir, step)
     if files is None:
         return [why]
-    out = []
+    out, sized = [], []
     for name, entry in sorted(files.items()):
         path = step_dir / name
         if not path.is_file():
             out.append(f"{name}: missing")
         elif (size := path.stat().st_size) != entry["size"]:
             out.append(f"{name}: {size} bytes, {entry['size']} when saved")
-        elif _sha256(path) != entry["sha256"]:
+        else:
+            sized.append(name)
+    digests = _sha256s([step_dir / name for name in sized])
+    for name, digest in zip(sized, digests, strict=True):
+        if digest != files[name]["sha256"]:
             out.append(f"{name}: contents changed since the save (SHA-256 differs)")
     out += [f"{name}: not written by the save" for name in _files(step_dir) if name not in files]
     return out
