@@ -1,4 +1,25 @@
+import os
+import shutil
+import tempfile
+
 import pytest
+
+# The persistent XLA compilation cache of this test session (train_testing.py reads it): made once
+# here, before pytest-xdist starts its workers, so that they and their child processes share it.
+CACHE_VARIABLE = "GDN2_JAX_TEST_XLA_CACHE"
+
+
+def pytest_configure(config):
+    if hasattr(config, "workerinput") or os.environ.get(CACHE_VARIABLE):
+        return  # an xdist worker (its controller made the cache), or a session inside another
+    path = tempfile.mkdtemp(prefix="gdn2-jax-test-xla-cache-")
+    os.environ[CACHE_VARIABLE] = path
+
+    def remove():
+        del os.environ[CACHE_VARIABLE]
+        shutil.rmtree(path, ignore_errors=True)
+
+    config.add_cleanup(remove)
 
 
 @pytest.fixture

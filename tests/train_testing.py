@@ -23,15 +23,25 @@ DEFAULT_CONFIG = ROOT / "configs" / "recall_tiny.py"
 
 # XLA:CPU compiles even these tiny train steps slowly (~15 s on 2 cores), and most training tests
 # compile the same programs: share them through JAX's persistent compilation cache, in a directory
-# private to this test session (child processes get it through the environment). The reset makes
-# it take effect even if something was compiled before this module was imported.
-COMPILATION_CACHE = tempfile.mkdtemp(prefix="gdn2-jax-test-xla-cache-")
-atexit.register(shutil.rmtree, COMPILATION_CACHE, ignore_errors=True)
+# private to this test session. conftest.py makes it once per session and names it in the
+# environment, so that pytest-xdist workers and every child process (which imports this module
+# too) use the same one; a process started without it makes its own. The reset makes it take
+# effect even if something was compiled before this module was imported.
+COMPILATION_CACHE = os.environ.get("GDN2_JAX_TEST_XLA_CACHE", "")
+if not COMPILATION_CACHE:
+    COMPILATION_CACHE = tempfile.mkdtemp(prefix="gdn2-jax-test-xla-cache-")
+    atexit.register(shutil.rmtree, COMPILATION_CACHE, ignore_errors=True)
+# Several processes may write and read the cache at once: a size limit (never reached) makes JAX
+# take a file lock around every read and write, so none reads an entry another is writing.
+CACHE_MAX_BYTES = 1 << 40
 CACHE_ENV = {
+    "GDN2_JAX_TEST_XLA_CACHE": COMPILATION_CACHE,
     "JAX_COMPILATION_CACHE_DIR": COMPILATION_CACHE,
+    "JAX_COMPILATION_CACHE_MAX_SIZE": str(CACHE_MAX_BYTES),
     "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5",
 }
 jax.config.update("jax_compilation_cache_dir", COMPILATION_CACHE)
+jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 compilation_cache.reset_cache()
 
