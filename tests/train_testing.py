@@ -117,7 +117,10 @@ def free_port() -> int:
 def python_env(num_cpu_devices: int = 1) -> dict[str, str]:
     """The environment for a child Python with `num_cpu_devices` virtual CPU devices."""
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_cpu_devices}"
+    # The session's other flags (conftest.py) stay.
+    device_count = "--xla_force_host_platform_device_count"
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(device_count)]
+    env["XLA_FLAGS"] = " ".join([*flags, f"{device_count}={num_cpu_devices}"])
     env |= CACHE_ENV
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     return env
