@@ -38,11 +38,11 @@ CACHE_ENV = {
     "GDN2_JAX_TEST_XLA_CACHE": COMPILATION_CACHE,
     "JAX_COMPILATION_CACHE_DIR": COMPILATION_CACHE,
     "JAX_COMPILATION_CACHE_MAX_SIZE": str(CACHE_MAX_BYTES),
-    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5",
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.1",
 }
 jax.config.update("jax_compilation_cache_dir", COMPILATION_CACHE)
 jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
 compilation_cache.reset_cache()
 
 # The default config shrunk so that a step compiles in seconds and runs in milliseconds.
