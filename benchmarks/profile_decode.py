@@ -26,12 +26,11 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax
 import jax.numpy as jnp
+from bench_generate import model_config
 from flax import nnx
 
-from gdn2_jax.config import apply_overrides
 from gdn2_jax.generate import Generator
 from gdn2_jax.model import CausalLM
-from gdn2_jax.model_config import ModelConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,8 +115,7 @@ def summarize(events: list[Launch], steps: int, top: int) -> dict:
 
 
 def profile(args) -> dict:
-    cfg = ModelConfig.preset(args.preset, dtype=args.dtype, param_dtype=args.dtype)
-    cfg = apply_overrides(cfg, [kv.strip() for kv in args.variant.split(",") if kv.strip()])
+    cfg = model_config(args.preset, args.dtype, args.variant)
     gen = Generator(CausalLM(cfg, rngs=nnx.Rngs(0)))
     B, T = args.batch, args.prompt_len
     prompt = jax.random.randint(jax.random.key(1), (B, T), 0, cfg.vocab_size)

@@ -27,7 +27,8 @@ DEFAULT_CONFIG = ROOT / "configs" / "recall_tiny.py"
 # environment, so that pytest-xdist workers and every child process (which imports this module
 # too) use the same one; a process started without it makes its own. The reset makes it take
 # effect even if something was compiled before this module was imported.
-COMPILATION_CACHE = os.environ.get("GDN2_JAX_TEST_XLA_CACHE", "")
+CACHE_VARIABLE = "GDN2_JAX_TEST_XLA_CACHE"  # conftest.py's name for it
+COMPILATION_CACHE = os.environ.get(CACHE_VARIABLE, "")
 if not COMPILATION_CACHE:
     COMPILATION_CACHE = tempfile.mkdtemp(prefix="gdn2-jax-test-xla-cache-")
     atexit.register(shutil.rmtree, COMPILATION_CACHE, ignore_errors=True)
@@ -35,7 +36,7 @@ if not COMPILATION_CACHE:
 # take a file lock around every read and write, so none reads an entry another is writing.
 CACHE_MAX_BYTES = 1 << 40
 CACHE_ENV = {
-    "GDN2_JAX_TEST_XLA_CACHE": COMPILATION_CACHE,
+    CACHE_VARIABLE: COMPILATION_CACHE,
     "JAX_COMPILATION_CACHE_DIR": COMPILATION_CACHE,
     "JAX_COMPILATION_CACHE_MAX_SIZE": str(CACHE_MAX_BYTES),
     "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.1",
