@@ -56,7 +56,8 @@ SWEEP = {
         {"diag": Launch(w, s), "diag_store": store}
         for w, s in [(2, 2), (2, 3), (1, 1), (4, 1), (4, 3)]
         for store in ("columns", "tile")
-    ],
+    ]
+    + [{"diag_grid": "token", "diag": Launch(w, 1)} for w in (1, 2, 4)],
     "fwd solve": [
         {"diag_inverse": "doubling"},
         {"diag_inverse": "doubling", "solve": "tf32x3"},

@@ -217,22 +217,45 @@ def _diag_kernel(q_ref, k_ref, b_ref, G_ref, a_ref, t_ref, *, H, K, scale, preci
         t_ref[bh, rows, :] = t_d
 
 
+def _diag_token_kernel(q_ref, k_ref, b_ref, G_ref, a_ref, t_ref, *, H, K, scale):
+    """Row r of its sub-block's diagonal blocks: every pairwise decay exp(G_r − G_j), j ≤ r, is
+    formed exactly (no factorization), masked before the exp."""
+    r, bh = pl.program_id(0), pl.program_id(1)
+    bi, h = bh // H, bh % H
+    i = r % SUB
+    block = pl.ds(pl.multiple_of(r - i, SUB), SUB)
+    j = iota((SUB, K), 0)
+    G_r = G_ref[bh, r, :][None, :]
+    kE = k_ref[bi, block, h, :].astype(F32) * jnp.exp(
+        jnp.where(j <= i, G_r - G_ref[bh, block, :], -jnp.inf)
+    )
+    q_r = q_ref[bi, r, h, :].astype(F32) * scale
+    bk_r = b_ref[bi, r, h, :].astype(F32) * k_ref[bi, r, h, :].astype(F32)
+    a_ref[bh, r, :] = jnp.sum(q_r[None, :] * kE, axis=1)
+    t_ref[bh, r, :] = jnp.where(iota((SUB,), 0) < i, jnp.sum(bk_r[None, :] * kE, axis=1), 0.0)
+
+
 def chunk_diag(q, k, b, G, *, scale, cfg: ChunkConfig, num: Numerics):
     """The diagonal 16×16 blocks of A_qk (j ≤ r) and T (j < r), float32 [BH, Tp, 16] each."""
     B, Tp, H, K = q.shape
-    kernel = functools.partial(
-        _diag_kernel,
-        H=H,
-        K=K,
-        scale=scale,
-        precision=num.score_precision,
-        columns=cfg.diag_store == "columns",
-    )
+    if cfg.diag_grid == "token":
+        kernel = functools.partial(_diag_token_kernel, H=H, K=K, scale=scale)
+        grid = (Tp, B * H)
+    else:
+        kernel = functools.partial(
+            _diag_kernel,
+            H=H,
+            K=K,
+            scale=scale,
+            precision=num.score_precision,
+            columns=cfg.diag_store == "columns",
+        )
+        grid = (Tp // SUB, B * H)
     block = jax.ShapeDtypeStruct((B * H, Tp, SUB), F32)
     return pl.pallas_call(
         kernel,
         out_shape=[block, block],
-        grid=(Tp // SUB, B * H),
+        grid=grid,
         compiler_params=compiler_params(cfg.diag),
         interpret=num.interpret,
         name="gdn2_chunk_fwd_diag",

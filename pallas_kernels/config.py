@@ -33,6 +33,11 @@ STRUCTURES = ("fused", "split_prep", "split_output", "split")
 # block in registers (a [16, 16] select per column) and stores it once; "columns" stores each
 # column straight to memory, as it is computed.
 DIAG_STORES = ("tile", "columns")
+# How the forward diagonal launch is cut into programs: "block", one per 16-row sub-block, whose
+# loop walks the block's columns (8 dependent steps); "token", one per token row, which loads its
+# sub-block's 16 rows of k and G and forms its row of both blocks with one [16, K] exp, no loop
+# (16 times the programs; `diag_store` does not apply).
+DIAG_GRIDS = ("block", "token")
 # How the split solve inverts T's diagonal 16x16 blocks: "substitution" row by row on the CUDA
 # cores, "doubling" as four levels of two [16, 16] matmuls (exact, on the tensor cores where the
 # solve precision allows).
@@ -100,6 +105,7 @@ class ChunkConfig:
     solve: str = "float32"  # precision of the triangular solve's block merges: SOLVE_CHOICES
     diag: Launch = Launch(num_warps=2, num_stages=1)  # the forward's diagonal 16x16 blocks
     diag_store: str = "tile"  # DIAG_STORES
+    diag_grid: str = "block"  # DIAG_GRIDS
     state_block_v: int = 64  # V columns of the carried state per program (forward state pass)
     state: Launch = Launch(num_warps=4, num_stages=2)
     dstate_block_v: int = 64  # V columns of the carried state gradient (reverse state pass)
@@ -140,6 +146,7 @@ class ChunkConfig:
         for name, choices in (
             ("solve", SOLVE_CHOICES),
             ("diag_store", DIAG_STORES),
+            ("diag_grid", DIAG_GRIDS),
             ("diag_inverse", DIAG_INVERSES),
             ("structure", STRUCTURES),
         ):

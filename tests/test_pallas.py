@@ -191,6 +191,15 @@ def test_split_structure_on_packed_sequences_matches_xla_core():
     _assert_core_matches_xla_core(cfg, shape, seed=45, chunk_bounds=(0, 1, 1, 3))
 
 
+@pytest.mark.parametrize("structure", ["fused", "split"])
+def test_token_parallel_diagonal_launch_matches_xla_core(structure):
+    """diag_grid="token": one program per token row forms the diagonal blocks; packed sequences
+    (one chunk, an empty one, two chunks) under both forward structures."""
+    cfg = dataclasses.replace(SMALL_TILES, structure=structure, diag_grid="token")
+    shape = Shape(B=1, T=192, H=2, K=32, V=32)
+    _assert_core_matches_xla_core(cfg, shape, seed=48, chunk_bounds=(0, 1, 1, 3))
+
+
 @pytest.mark.parametrize("dims", [(256, 256), (256, 64), (64, 256)])
 def test_chunk_core_at_the_widest_heads_matches_xla_core(dims):
     """K, V = 256: the state passes' V tile shrinks so the [K, BV] state tile keeps its size."""

@@ -126,10 +126,24 @@ def test_split_structure_production_heads(dims, dtype, split_kernels):
     """The split forward compiled for the GPU, extreme gates and initial states, against fla's
     naive recurrence with the fused structure's tolerances (the same products, reordered)."""
     split_kernels(dtype)
+    _check_production_heads(dims, dtype, SPLIT_FORWARD)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_token_diagonal_grid_production_heads(dtype, monkeypatch):
+    """diag_grid="token" (one program per token row for the diagonal blocks) compiled for the
+    GPU under the fused structure, against fla's naive recurrence."""
+    cfg = dataclasses.replace(default_chunk_config(dtype), diag_grid="token")
+    bind_chunk_config(monkeypatch, cfg)
+    _check_production_heads((128, 128), dtype, {"gdn2_chunk_fwd_diag": 1})
+
+
+def _check_production_heads(dims, dtype, launches):
+    """Extreme gates and initial states; `launches` name -> count in the traced program."""
     x = make_inputs(57, Shape(B=2, T=200, H=2, K=dims[0], V=dims[1]), extreme=True)
     args = [jnp.asarray(x[n], jnp.float32 if n == "g" else dtype) for n in NAMES[:6]]
     names = kernel_names(lambda *a: gated_delta_rule2(*a, backend="pallas"), *args)
-    assert {n: names[n] for n in SPLIT_FORWARD} == SPLIT_FORWARD
+    assert {n: names[n] for n in launches} == launches
     errors = _errors(x, dtype)
     if dtype == jnp.float32:
         assert all(e <= 1e-3 for e in errors.values()) and errors["o"] <= 1e-4, errors
