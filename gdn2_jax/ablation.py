@@ -170,7 +170,9 @@ def _preset(name: str) -> AblationConfig:
         # average, 16 needles hide in 256 tokens of filler, a 16-pair MQAR teaches recall.
         # 16 rows per task, seed and step keep a step near 50K tokens for 3 seeds, so the six
         # variants train in minutes each; a 13.5M model with 32 rows of 512 tokens did not
-        # finish 2000 steps in 165 s (benchmarks/RESULTS.md, calibration row).
+        # finish 2000 steps in 165 s (benchmarks/RESULTS.md, calibration row). Measured on an
+        # H100 (2026-12-07): 2000 steps took ~300 s with three runs sharing the GPU, and no
+        # variant had left the recall plateau by then (mqar_easy <= 11%); it is not calibrated.
         model = ModelConfig.preset(
             "tiny", vocab_size=256, hidden_size=512, intermediate_size=1024,
             block_pattern=("gdn2",) * 4, gdn2_num_heads=4, gdn2_head_dim=64, dtype="bfloat16",

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# One GPU call for issue 14 (several minutes): the fused decoding step's GPU tests, the
-# generation benchmark of the recurrent 1.3B model at batch 1 and 64 with the default (fused)
-# and the unfused step, the per-layer step table (ours unfused, ours fused, fla's layer and op),
-# and the launch-by-launch profile of one decoding step at both batches.
+# One GPU call for issue 14 (several minutes): the fused decoding step's GPU tests; the
+# launch-by-launch profile of one decoding step of the recurrent 1.3B model at batch 1 with
+# XLA's defaults and with its dot strength reduction off (which turns a one-row dot into a
+# multiply and a reduction: the costliest launches of the recorded profile), and at batch 64
+# with its optimized HLO dumped (its decode program asked for 77 GiB on an H100 80GB); then the
+# generation benchmark at batch 1 and 64 with the default (fused) and the unfused step and the
+# per-layer step table (ours unfused, ours fused, fla's layer and op).
 # Run from the repository root: bash scripts/generate_gpu_check.sh [OUT_DIR]
 # Each part runs even when an earlier one fails; the exit status is non-zero if any failed.
 set -uo pipefail
@@ -10,11 +13,16 @@ cd "$(dirname "$0")/.."
 out="${1:-${OUT:-/tmp}}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 status=0
+profile() {
+  python3 benchmarks/profile_decode.py --preset gdn2-1.3b --json "$out/profile_$1.json" "${@:2}" \
+    > "$out/profile_$1.log" 2>&1 || status=1
+  grep -v -i warn "$out/profile_$1.log" | head -24
+}
 python3 -m pytest -q -m gpu tests/test_generate_gpu.py -p no:cacheprovider || status=1
-for batch in 1 64; do
-  python3 benchmarks/profile_decode.py --preset gdn2-1.3b --batch "$batch" \
-    --json "$out/profile_decode_b$batch.json" || status=1
-done
+profile b1 --batch 1
+XLA_FLAGS=--xla_gpu_enable_dot_strength_reduction=false profile b1_no_strength_reduction --batch 1
+XLA_FLAGS="--xla_dump_to=$out/hlo_b64 --xla_dump_hlo_module_re=.*stream_decode.*" \
+  profile b64 --batch 64
 python3 benchmarks/bench_generate.py --presets gdn2-1.3b --batches 1 64 \
   --variants "" gdn2_decode=unfused --repeats 2 --layer-steps 100 \
   --json "$out/bench_generate.json" || status=1
