@@ -51,13 +51,13 @@ SPLIT_PARTS = ("fwd solve", "fwd wy", "fwd states", "fwd output+save")
 
 # Per stage: the config fields it reads, and values to try for them.
 SWEEP = {
-    "fwd diag": [{"diag_store": "columns"}]
+    "fwd diag": [{"diag_grid": "token", "diag": Launch(w, 1)} for w in (1, 2, 4)]
+    + [{"diag_store": "columns"}]
     + [
         {"diag": Launch(w, s), "diag_store": store}
         for w, s in [(2, 2), (2, 3), (1, 1), (4, 1), (4, 3)]
         for store in ("columns", "tile")
-    ]
-    + [{"diag_grid": "token", "diag": Launch(w, 1)} for w in (1, 2, 4)],
+    ],
     "fwd solve": [
         {"diag_inverse": "doubling"},
         {"diag_inverse": "doubling", "solve": "tf32x3"},
