@@ -32,6 +32,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--variants", help=f"comma-separated subset of {','.join(ablation.VARIANTS)}"
     )
     parser.add_argument("--lr", type=float, help="peak learning rate (the preset's if unset)")
+    parser.add_argument(
+        "--rows", type=int, help="sequences per task, seed and step (the preset's if unset)"
+    )
     parser.add_argument("--backend", help="model.gdn2_backend (e.g. xla; the preset's if unset)")
     parser.add_argument(
         "--merge",
@@ -55,6 +58,8 @@ def config_from(args: argparse.Namespace) -> ablation.AblationConfig:
         changes["seeds"] = args.seeds
     if args.variants:
         changes["variants"] = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+    if args.rows is not None:
+        changes["batch_size"] = args.rows
     if args.lr is not None:
         changes["optimizer"] = dataclasses.replace(cfg.optimizer, lr=args.lr)
     if args.backend:

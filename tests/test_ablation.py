@@ -3,10 +3,12 @@ and the JSON, intervals and table it reports."""
 
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
 import scipy.stats
+from train_testing import ROOT
 
 from gdn2_jax import ablation
 
@@ -84,3 +86,15 @@ def test_merge_joins_variants_run_in_pieces_and_refuses_different_runs():
         ablation.merge([_part(("gdn2",)), _part(("kda",), steps=13)])
     with pytest.raises(ValueError, match="repeat variants"):
         ablation.merge([_part(("gdn2",)), _part(("gdn2",))])
+
+
+def test_command_line_overrides_reach_the_config_and_bad_ones_exit_2(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gate_ablation
+
+    argv = ["--preset", "tiny", "--out", str(tmp_path)]
+    args = gate_ablation.parse_args([*argv, "--rows", "3", "--steps", "5", "--lr", "0.01"])
+    cfg = gate_ablation.config_from(args)
+    assert (cfg.batch_size, cfg.steps, cfg.optimizer.lr) == (3, 5, 0.01)
+    assert gate_ablation.main([*argv, "--rows", "0"]) == 2
+    assert "AblationConfig.batch_size must be >= 1" in capsys.readouterr().err
