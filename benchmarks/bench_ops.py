@@ -3,15 +3,18 @@
     python benchmarks/bench_ops.py                      # H = 16, K = V = 128 shapes (GPU)
     python benchmarks/bench_ops.py --small              # a CPU-sized shape
     python benchmarks/bench_ops.py --backends xla pallas --shapes 4x4096 1x16384
-    python benchmarks/bench_ops.py --backends pallas --structures fused split   # kernel structures
+    python benchmarks/bench_ops.py --backends pallas --configs structure=fused structure=split
+    python benchmarks/bench_ops.py --configs structure=split_prep,diag_grid=token
 
 Prints medians (ms) of forward and forward+backward and each row's ratio to the baseline row
 (fla when it runs, otherwise the first backend), the peak memory of forward+backward (JAX: the
 compiled program's arguments + outputs + temporaries; torch: max_memory_allocated, inputs
 included) and, with fla, each backend's forward error against fla's output on the same inputs.
-Absolute CPU times mean little; ratios do. `--structures` adds a row "pallas[<structure>]" per
-`ChunkConfig.structure`: the Pallas chunk core (what backend="pallas" runs, on these dense shapes
-with no padding) under that structure, so the forward's launch structures are timed side by side.
+Absolute CPU times mean little; ratios do. `--configs` adds a row "pallas[<overrides>]" per
+comma-separated list of `ChunkConfig` choices (its string fields: structure, solve, diag_store,
+diag_grid, diag_inverse): the Pallas chunk core (what backend="pallas" runs, on these dense
+shapes with no padding) under the dtype's tuned config with those fields replaced, so kernel
+structures and variants are timed side by side with fla.
 """
 
 import argparse
@@ -30,8 +33,8 @@ import numpy as np
 
 from gdn2_jax.ops import gated_delta_rule2
 from gdn2_jax.ops.layout import dense_segments
-from pallas_kernels import default_chunk_config, pallas_chunk_core
-from pallas_kernels.config import CHUNK, STRUCTURES
+from pallas_kernels import ChunkConfig, default_chunk_config, pallas_chunk_core
+from pallas_kernels.config import CHUNK
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,11 +95,25 @@ def op_forward(backend):
     return fwd
 
 
-def structure_forward(structure, case):
-    """The Pallas chunk core under ChunkConfig(structure=...) with a zero initial state."""
+def parse_config(overrides: str) -> dict[str, str]:
+    """ "structure=split,diag_grid=token" -> the ChunkConfig string fields it replaces."""
+    choices = {f.name for f in dataclasses.fields(ChunkConfig) if f.type is str}
+    out = {}
+    for item in filter(None, (x.strip() for x in overrides.split(","))):
+        name, sep, value = item.partition("=")
+        if not sep or name not in choices:
+            fields = ", ".join(sorted(choices))
+            raise ValueError(f"--configs: {item!r} is not FIELD=VALUE with FIELD one of {fields}")
+        out[name] = value
+    return out
+
+
+def config_forward(overrides: dict[str, str], case):
+    """The Pallas chunk core under the dtype's tuned ChunkConfig with `overrides`, from a zero
+    initial state."""
     if case.T % CHUNK:
-        raise ValueError(f"--structures needs T a multiple of {CHUNK}, got T={case.T}")
-    cfg = dataclasses.replace(default_chunk_config(jnp.dtype(case.dtype)), structure=structure)
+        raise ValueError(f"--configs needs T a multiple of {CHUNK}, got T={case.T}")
+    cfg = dataclasses.replace(default_chunk_config(jnp.dtype(case.dtype)), **overrides)
     h0s = jnp.zeros((2, case.B, case.H, case.K, case.V), jnp.float32)
     segments = dense_segments(case.T // CHUNK)
 
@@ -191,7 +208,7 @@ def parse_args():
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument(
-        "--structures", nargs="*", default=[], choices=STRUCTURES, help="pallas core rows"
+        "--configs", nargs="*", default=[], help="pallas core rows: ChunkConfig FIELD=VALUE,..."
     )
     parser.add_argument("--no-fla", action="store_true", help="skip fla (its autotuning)")
     return parser.parse_args()
@@ -212,9 +229,9 @@ class Row:
     err_vs_fla: float
 
 
-def benchmark(cases, backends=None, *, warmup=3, iters=20, with_fla=None, structures=()):
+def benchmark(cases, backends=None, *, warmup=3, iters=20, with_fla=None, configs=()):
     """Times every backend (and fla on a GPU) on every `Case`, and the Pallas chunk core under
-    each of `structures`; returns a list of `Row`.
+    each of `configs` (`parse_config` strings); returns a list of `Row`.
 
     The importable entry of this script (the notebooks call it); `main` is its command line.
     """
@@ -229,9 +246,9 @@ def benchmark(cases, backends=None, *, warmup=3, iters=20, with_fla=None, struct
             timings["fla chunk_gdn2"] = time_fla(arrays, case, warmup, iters)
         for backend in backends:
             timings[backend] = time_jax(op_forward(backend), arrays, case, warmup, iters)
-        for structure in structures:
-            fwd = structure_forward(structure, case)
-            timings[f"pallas[{structure}]"] = time_jax(fwd, arrays, case, warmup, iters)
+        for config in configs:
+            fwd = config_forward(parse_config(config), case)
+            timings[f"pallas[{config}]"] = time_jax(fwd, arrays, case, warmup, iters)
         base = next(iter(timings.values()))
         for name, t in timings.items():
             err = rel_err(t.output, base.output) if with_fla and t is not base else float("nan")
@@ -246,14 +263,15 @@ def benchmark(cases, backends=None, *, warmup=3, iters=20, with_fla=None, struct
 
 def format_table(rows):
     """The printed table of `benchmark`'s rows, headed by the device."""
+    width = max([16, *(len(r.impl) for r in rows)])
     header = (
-        f"{'shape':<28} {'impl':<16} {'fwd ms':>9} {'fwd+bwd ms':>11} {'fwd x':>7} {'f+b x':>7}"
-        f" {'peak GiB':>9} {'err vs fla':>10}"
+        f"{'shape':<28} {'impl':<{width}} {'fwd ms':>9} {'fwd+bwd ms':>11}"
+        f" {'fwd x':>7} {'f+b x':>7} {'peak GiB':>9} {'err vs fla':>10}"
     )
     lines = [f"device: {jax.devices()[0].device_kind}", header, "-" * len(header)]
     for r in rows:
         lines.append(
-            f"{r.shape:<28} {r.impl:<16} {r.fwd_ms:>9.3f} {r.fwd_bwd_ms:>11.3f}"
+            f"{r.shape:<28} {r.impl:<{width}} {r.fwd_ms:>9.3f} {r.fwd_bwd_ms:>11.3f}"
             f" {r.fwd_ratio:>7.2f} {r.fwd_bwd_ratio:>7.2f} {r.peak_gib:>9.2f} {r.err_vs_fla:>10.1e}"
         )
     return "\n".join(lines)
@@ -274,7 +292,7 @@ def main():
         warmup=args.warmup,
         iters=args.iters,
         with_fla=False if args.no_fla else None,
-        structures=args.structures,
+        configs=args.configs,
     )
     print(format_table(rows))
 
