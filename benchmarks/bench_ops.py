@@ -286,15 +286,22 @@ def main():
             Case(*map(int, s.split("x")), H=args.heads, K=args.dim, V=args.dim, dtype=args.dtype)
             for s in args.shapes
         ]
-    rows = benchmark(
-        cases,
-        args.backends,
-        warmup=args.warmup,
-        iters=args.iters,
-        with_fla=False if args.no_fla else None,
-        configs=args.configs,
-    )
-    print(format_table(rows))
+    rows = []
+    for case in cases:
+        # A shape's rows print as soon as they are measured, so a run cut by a time limit still
+        # reports the shapes it finished.
+        case_rows = benchmark(
+            [case],
+            args.backends,
+            warmup=args.warmup,
+            iters=args.iters,
+            with_fla=False if args.no_fla else None,
+            configs=args.configs,
+        )
+        print(format_table(case_rows), flush=True)
+        rows += case_rows
+    if len(cases) > 1:
+        print(format_table(rows))
 
 
 if __name__ == "__main__":
