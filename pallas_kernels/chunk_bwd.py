@@ -14,6 +14,7 @@ dG_b −= dX ⊙ X), so no γ⁻¹ appears in the backward either.
 """
 
 import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,9 +24,12 @@ from pallas_kernels.common import F32, Numerics, compiler_params, iota, mm, mm_c
 from pallas_kernels.config import CHUNK, NUM_SUB, SUB, ChunkConfig, state_tile_v
 
 
-def _dstate_kernel(*refs, H, K, NT, bv, num):
-    seq_ref, first_ref, last_ref, dfin_ref, dh00_ref, do_ref, aqk_ref, kt_ref = refs[:8]
-    qg_ref, y_ref, gc_ref, dsc_ref, dr_ref, dh0_ref = refs[8:]
+def _dstate_kernel(
+    seq_ref, first_ref, last_ref, dfin_ref, dh00_ref,
+    do_ref, aqk_ref, kt_ref, qg_ref, y_ref, gc_ref,
+    dsc_ref, dr_ref, dh0_ref,
+    *, H, K, NT, bv, num,
+):  # fmt: skip
     vb, bh = pl.program_id(0), pl.program_id(1)
     bi, h = bh // H, bh % H
     vs = pl.ds(pl.multiple_of(vb * bv, bv), bv)
@@ -83,39 +87,76 @@ def chunk_dstate(intra, saved_shape, segments, do, dfinals, *, cfg: ChunkConfig,
       *(intra[n] for n in names))  # fmt: skip
 
 
-def _wy_value_side(refs, A, bi, h, bh, rows, *, V, bv, num):
+class _ValueRefs(NamedTuple):
+    """`_wy_value_side`'s refs: it reads v, w, do [B, Tp, H, V], r, dr [BH, Tp, V] and writes
+    dv, dw [B, Tp, H, V]."""
+
+    v: Any
+    w: Any
+    do: Any
+    r: Any
+    dr: Any
+    dv: Any
+    dw: Any
+
+
+class _ProductRefs(NamedTuple):
+    """What `_wy_state_products` reads: do [B, Tp, H, V], r, dr [BH, Tp, V], s0, dsc
+    [BH, NT, K, V]."""
+
+    do: Any
+    r: Any
+    dr: Any
+    s0: Any
+    dsc: Any
+
+
+class _KeyGradRefs(NamedTuple):
+    """`_wy_key_side`'s refs: it reads q, k, b [B, Tp, H, K], G [BH, Tp, K], gc [BH, NT, K]
+    and writes the float32 partials dq, dk, db, dG [BH, Tp, K]."""
+
+    q: Any
+    k: Any
+    b: Any
+    G: Any
+    gc: Any
+    dq: Any
+    dk: Any
+    db: Any
+    dG: Any  # noqa: N815 (G as in the paper, as dG_ref)
+
+
+def _wy_value_side(refs: _ValueRefs, A, bi, h, bh, rows, *, V, bv, num):
     """dA_qk = dO Rᵀ; dA += dU Zᵀ with Z = w ⊙ v inside the product; dZ = Aᵀ dU → dv, dw."""
-    v_ref, w_ref, do_ref, r_ref, dr_ref, dv_ref, dw_ref = refs
 
     def body(vb, carry):
         dA, daqk = carry
         vs = pl.ds(pl.multiple_of(vb * bv, bv), bv)
-        dR = dr_ref[bh, rows, vs]
-        v = v_ref[bi, rows, h, vs].astype(F32)
-        w = w_ref[bi, rows, h, vs].astype(F32)
-        daqk = daqk + mm_cast(do_ref[bi, rows, h, vs], r_ref[bh, rows, vs], num, tb=True)
+        dR = refs.dr[bh, rows, vs]
+        v = refs.v[bi, rows, h, vs].astype(F32)
+        w = refs.w[bi, rows, h, vs].astype(F32)
+        daqk = daqk + mm_cast(refs.do[bi, rows, h, vs], refs.r[bh, rows, vs], num, tb=True)
         dA = dA + mm_cast(dR, v * w, num, tb=True)
         dZ = mm_cast(A, dR, num, ta=True)
-        dv_ref[bi, rows, h, vs] = (dZ * w).astype(dv_ref.dtype)
-        dw_ref[bi, rows, h, vs] = (dZ * v).astype(dw_ref.dtype)
+        refs.dv[bi, rows, h, vs] = (dZ * w).astype(refs.dv.dtype)
+        refs.dw[bi, rows, h, vs] = (dZ * v).astype(refs.dw.dtype)
         return dA, daqk
 
     zero = jnp.zeros((CHUNK, CHUNK), F32)
     return jax.lax.fori_loop(0, V // bv, body, (zero, zero))
 
 
-def _wy_state_products(refs, bi, h, bh, c, rows, ks, *, V, bk, bv, num):
+def _wy_state_products(refs: _ProductRefs, bi, h, bh, c, rows, ks, *, V, bk, bv, num):
     """dQ_γ = dO S₀ᵀ, dK_tail = R dS_Cᵀ, −dY = dR S₀ᵀ and rowsum(dS_C ⊙ S₀) for one K slice."""
-    do_ref, r_ref, dr_ref, s0_ref, dsc_ref = refs
 
     def body(vb, acc):
         dqg, dkt, dyn, dgc = acc
         vs = pl.ds(pl.multiple_of(vb * bv, bv), bv)
-        s0 = s0_ref[bh, c, ks, vs]
-        dsc = dsc_ref[bh, c, ks, vs]
-        dqg = dqg + mm_cast(do_ref[bi, rows, h, vs], s0, num, tb=True)
-        dkt = dkt + mm_cast(r_ref[bh, rows, vs], dsc, num, tb=True)
-        dyn = dyn + mm_cast(dr_ref[bh, rows, vs], s0, num, tb=True)
+        s0 = refs.s0[bh, c, ks, vs]
+        dsc = refs.dsc[bh, c, ks, vs]
+        dqg = dqg + mm_cast(refs.do[bi, rows, h, vs], s0, num, tb=True)
+        dkt = dkt + mm_cast(refs.r[bh, rows, vs], dsc, num, tb=True)
+        dyn = dyn + mm_cast(refs.dr[bh, rows, vs], s0, num, tb=True)
         dgc = dgc + jnp.sum(s0.astype(F32) * dsc.astype(F32), axis=1)
         return dqg, dkt, dyn, dgc
 
@@ -123,9 +164,11 @@ def _wy_state_products(refs, bi, h, bh, c, rows, ks, *, V, bk, bv, num):
     return jax.lax.fori_loop(0, V // bv, body, (zero, zero, zero, jnp.zeros((bk,), F32)))
 
 
-def _wy_key_side(refs, A, dA, bi, h, bh, c, rows, *, K, V, scale, bk, bv, num):
+def _wy_key_side(
+    refs: _KeyGradRefs, prod_refs: _ProductRefs, A, dA, bi, h, bh, c, rows,
+    *, K, V, scale, bk, bv, num,
+):  # fmt: skip
     """Per K slice: the Q_γ, K_tail, γ_C and Ē (= γ ⊙ b ⊙ k, gates inside dA) VJPs."""
-    q_ref, k_ref, b_ref, G_ref, gc_ref, prod_refs, dq_ref, dk_ref, db_ref, dG_ref = refs
     last_row = iota((CHUNK, bk), 0) == CHUNK - 1
 
     def body(kb, dA):
@@ -133,42 +176,48 @@ def _wy_key_side(refs, A, dA, bi, h, bh, c, rows, *, K, V, scale, bk, bv, num):
         dqg, dkt, dyn, dgc = _wy_state_products(
             prod_refs, bi, h, bh, c, rows, ks, V=V, bk=bk, bv=bv, num=num
         )
-        G = G_ref[bh, rows, ks]
-        gcl = gc_ref[bh, c, ks][None, :]
+        G = refs.G[bh, rows, ks]
+        gcl = refs.gc[bh, c, ks][None, :]
         gamma, tail = jnp.exp(G), jnp.exp(gcl - G)
-        q = q_ref[bi, rows, h, ks].astype(F32) * scale
-        k = k_ref[bi, rows, h, ks].astype(F32)
-        b = b_ref[bi, rows, h, ks].astype(F32)
+        q = refs.q[bi, rows, h, ks].astype(F32) * scale
+        k = refs.k[bi, rows, h, ks].astype(F32)
+        b = refs.b[bi, rows, h, ks].astype(F32)
         kt, e = k * tail, b * k * gamma
         dG = dqg * q * gamma - dkt * kt
         dGC = jnp.sum(dkt * kt, axis=0) + jnp.exp(gcl[0]) * dgc
         dE = -mm_cast(A, dyn, num, ta=True)
         dA = dA - mm_cast(dyn, e, num, tb=True)
         dG = dG + dE * e + jnp.where(last_row, dGC[None, :], 0.0)
-        dq_ref[bh, rows, ks] = dqg * gamma
-        dk_ref[bh, rows, ks] = dkt * tail + dE * b * gamma
-        db_ref[bh, rows, ks] = dE * k * gamma
-        dG_ref[bh, rows, ks] = dG
+        refs.dq[bh, rows, ks] = dqg * gamma
+        refs.dk[bh, rows, ks] = dkt * tail + dE * b * gamma
+        refs.db[bh, rows, ks] = dE * k * gamma
+        refs.dG[bh, rows, ks] = dG
         return dA
 
     return jax.lax.fori_loop(0, K // bk, body, dA)
 
 
-def _wy_kernel(*refs, H, K, V, scale, bk, bv, num):
-    q_ref, k_ref, v_ref, b_ref, w_ref, do_ref, G_ref, gc_ref, ainv_ref, s0_ref = refs[:10]
-    r_ref, dsc_ref, dr_ref = refs[10:13]
-    dv_ref, dw_ref, dq_ref, dk_ref, db_ref, dG_ref, daqk_ref, dt_ref = refs[13:]
+def _wy_kernel(
+    q_ref, k_ref, v_ref, b_ref, w_ref, do_ref, G_ref, gc_ref, ainv_ref,
+    s0_ref, r_ref, dsc_ref, dr_ref,
+    dv_ref, dw_ref, dq_ref, dk_ref, db_ref, dG_ref, daqk_ref, dt_ref,
+    *, H, K, V, scale, bk, bv, num,
+):  # fmt: skip
     c, bh = pl.program_id(0), pl.program_id(1)
     bi, h = bh // H, bh % H
     rows = pl.ds(c * CHUNK, CHUNK)
     A = ainv_ref[bh, rows, :]
-    value_refs = (v_ref, w_ref, do_ref, r_ref, dr_ref, dv_ref, dw_ref)
+    value_refs = _ValueRefs(v=v_ref, w=w_ref, do=do_ref, r=r_ref, dr=dr_ref, dv=dv_ref, dw=dw_ref)
     dA, daqk = _wy_value_side(value_refs, A, bi, h, bh, rows, V=V, bv=bv, num=num)
-    prod_refs = (do_ref, r_ref, dr_ref, s0_ref, dsc_ref)
-    key_refs = (q_ref, k_ref, b_ref, G_ref, gc_ref, prod_refs, dq_ref, dk_ref, db_ref, dG_ref)
+    prod_refs = _ProductRefs(do=do_ref, r=r_ref, dr=dr_ref, s0=s0_ref, dsc=dsc_ref)
+    key_refs = _KeyGradRefs(
+        q=q_ref, k=k_ref, b=b_ref, G=G_ref, gc=gc_ref,
+        dq=dq_ref, dk=dk_ref, db=db_ref, dG=dG_ref,
+    )  # fmt: skip
     dA = _wy_key_side(
-        key_refs, A, dA, bi, h, bh, c, rows, K=K, V=V, scale=scale, bk=bk, bv=bv, num=num
-    )
+        key_refs, prod_refs, A, dA, bi, h, bh, c, rows,
+        K=K, V=V, scale=scale, bk=bk, bv=bv, num=num,
+    )  # fmt: skip
     r, col = iota((CHUNK, CHUNK), 0), iota((CHUNK, CHUNK), 1)
     # A is unit lower triangular: only its strictly lower entries are free (Eq. 66).
     dA = jnp.where(r > col, dA, 0.0)
@@ -202,10 +251,11 @@ def chunk_wy_bwd(q, k, v, b, w, do, intra, saved, dstate, *, scale, cfg, num):
     )(q, k, v, b, w, do, intra["G"], intra["gc"], intra["ainv"], s0, r, dsc, dr)
 
 
-def _intra_bwd_offdiag(refs, bi, h, bh, t0, p, G, ks, *, scale, bk, num):
+def _intra_bwd_offdiag(
+    q_ref, k_ref, b_ref, G_ref, daqk_ref, dt_ref, bi, h, bh, t0, p, G, ks, *, scale, bk, num
+):
     """Sub-blocks off the diagonal through boundaries, both exponents ≤ 0: the row side of block
     p through its first row n (columns s < n), the column side through its last row m (rows > m)."""
-    q_ref, k_ref, b_ref, G_ref, daqk_ref, dt_ref = refs
     r0 = t0 + SUB * p
     rows, all_rows = pl.ds(r0, SUB), pl.ds(t0, CHUNK)
     pos = iota((CHUNK, bk), 0)
@@ -230,10 +280,13 @@ def _intra_bwd_offdiag(refs, bi, h, bh, t0, p, G, ks, *, scale, bk, num):
     return dq, dbk, dk
 
 
-def _intra_bwd_diag_kernel(*refs, H, scale, bk):
+def _intra_bwd_diag_kernel(
+    q_ref, k_ref, b_ref, G_ref, daqk_ref, dt_ref,
+    dqd_ref, dbkd_ref, dkd_ref,
+    *, H, scale, bk,
+):  # fmt: skip
     """The diagonal block's VJP, every pair (r, j ≤ r) at once as a [16, 16, bk] tile with the
     exact pairwise decay E = exp(G_r − G_j), masked before the exp (float32, CUDA cores)."""
-    q_ref, k_ref, b_ref, G_ref, daqk_ref, dt_ref, dqd_ref, dbkd_ref, dkd_ref = refs
     s, kb, bh = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     bi, h = bh // H, bh % H
     ks = pl.ds(pl.multiple_of(kb * bk, bk), bk)
@@ -253,9 +306,12 @@ def _intra_bwd_diag_kernel(*refs, H, scale, bk):
     dkd_ref[bh, rows, ks] = jnp.sum((aq * q[:, None, :] + at * bk_[:, None, :]) * E, axis=0)
 
 
-def _intra_bwd_kernel(*refs, H, scale, bk, num):
-    q_ref, k_ref, b_ref, G_ref, daqk_ref, dt_ref, dqp_ref, dkp_ref, dbp_ref, dGp_ref = refs[:10]
-    dqd_ref, dbkd_ref, dkd_ref, dq_ref, dk_ref, db_ref, dg_ref = refs[10:]
+def _intra_bwd_kernel(
+    q_ref, k_ref, b_ref, G_ref, daqk_ref, dt_ref, dqp_ref, dkp_ref, dbp_ref, dGp_ref,
+    dqd_ref, dbkd_ref, dkd_ref,
+    dq_ref, dk_ref, db_ref, dg_ref,
+    *, H, scale, bk, num,
+):  # fmt: skip
     c, kb, bh = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     bi, h = bh // H, bh % H
     ks = pl.ds(pl.multiple_of(kb * bk, bk), bk)
@@ -268,10 +324,10 @@ def _intra_bwd_kernel(*refs, H, scale, bk, num):
         k = k_ref[bi, rows, h, ks].astype(F32)
         b = b_ref[bi, rows, h, ks].astype(F32)
         G = G_ref[bh, rows, ks]
-        off_refs = (q_ref, k_ref, b_ref, G_ref, daqk_ref, dt_ref)
         dq, dbk, dk = _intra_bwd_offdiag(
-            off_refs, bi, h, bh, t0, p, G, ks, scale=scale, bk=bk, num=num
-        )
+            q_ref, k_ref, b_ref, G_ref, daqk_ref, dt_ref, bi, h, bh, t0, p, G, ks,
+            scale=scale, bk=bk, num=num,
+        )  # fmt: skip
         dq, dbk, dk = dq + dqd_ref[prow], dbk + dbkd_ref[prow], dk + dkd_ref[prow]
         dG = dGp_ref[prow] + q * dq + b * k * dbk - k * dk
         total = jnp.sum(dG, axis=0)

@@ -16,6 +16,7 @@ each chunk's tile is contiguous.
 """
 
 import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -155,23 +156,38 @@ def u_tile(A, v_ref, w_ref, u_ref, bi, h, bh, rows, vs, num):
     u_ref[bh, rows, vs] = mm_cast(A, z, num).astype(u_ref.dtype)
 
 
-def key_tiles(A, refs, bi, h, bh, c, ks, *, scale, num):
+class KeyRefs(NamedTuple):
+    """The refs `key_tiles` reads (q, k, b [B, Tp, H, K]; G [BH, Tp, K]; gc [BH, NT, K]) and
+    writes (y, qg, kt [BH, Tp, K])."""
+
+    q: Any
+    k: Any
+    b: Any
+    G: Any
+    gc: Any
+    y: Any
+    qg: Any
+    kt: Any
+
+
+def key_tiles(A, refs: KeyRefs, bi, h, bh, c, ks, *, scale, num):
     """Y = A Ē, Q_γ = scale·q ⊙ γ and K_tail = k ⊙ exp(G_C − G) on the key columns `ks`."""
-    q_ref, k_ref, b_ref, G_ref, gc_ref, y_ref, qg_ref, kt_ref = refs
     rows = pl.ds(c * CHUNK, CHUNK)
-    dt = y_ref.dtype
-    G = G_ref[bh, rows, ks]
+    dt = refs.y.dtype
+    G = refs.G[bh, rows, ks]
     gamma = jnp.exp(G)
-    k = k_ref[bi, rows, h, ks].astype(F32)
-    e = b_ref[bi, rows, h, ks].astype(F32) * k * gamma
-    y_ref[bh, rows, ks] = mm_cast(A, e, num).astype(dt)
-    qg_ref[bh, rows, ks] = (q_ref[bi, rows, h, ks].astype(F32) * (scale * gamma)).astype(dt)
-    kt_ref[bh, rows, ks] = (k * jnp.exp(gc_ref[bh, c, ks][None, :] - G)).astype(dt)
+    k = refs.k[bi, rows, h, ks].astype(F32)
+    e = refs.b[bi, rows, h, ks].astype(F32) * k * gamma
+    refs.y[bh, rows, ks] = mm_cast(A, e, num).astype(dt)
+    refs.qg[bh, rows, ks] = (refs.q[bi, rows, h, ks].astype(F32) * (scale * gamma)).astype(dt)
+    refs.kt[bh, rows, ks] = (k * jnp.exp(refs.gc[bh, c, ks][None, :] - G)).astype(dt)
 
 
-def _aux(refs, bi, h, bh, c, *, K, V, scale, block, num):
-    """U = A (w ⊙ v), Y = A Ē, Q_γ = scale·q ⊙ γ, K_tail = k ⊙ exp(G_C − G), by column slices."""
-    q_ref, k_ref, b_ref, v_ref, w_ref, G_ref, gc_ref, ainv_ref, u_ref, y_ref, qg_ref, kt_ref = refs
+def _aux(
+    key_refs: KeyRefs, v_ref, w_ref, ainv_ref, u_ref, bi, h, bh, c, *, K, V, scale, block, num
+):
+    """U = A (w ⊙ v), Y = A Ē, Q_γ = scale·q ⊙ γ, K_tail = k ⊙ exp(G_C − G), by column slices
+    (A = (I + T)⁻¹ from `ainv_ref`; U into `u_ref`, the rest through `key_refs`)."""
     rows = pl.ds(c * CHUNK, CHUNK)
     A = ainv_ref[bh, rows, :]
     bv, bk = min(block, V), min(block, K)
@@ -183,7 +199,6 @@ def _aux(refs, bi, h, bh, c, *, K, V, scale, block, num):
 
     def k_body(kb, carry):
         ks = pl.ds(pl.multiple_of(kb * bk, bk), bk)
-        key_refs = (q_ref, k_ref, b_ref, G_ref, gc_ref, y_ref, qg_ref, kt_ref)
         key_tiles(A, key_refs, bi, h, bh, c, ks, scale=scale, num=num)
         return carry
 
@@ -204,8 +219,10 @@ def _diag_kernel(q_ref, k_ref, b_ref, G_ref, a_ref, t_ref, *, H, K, scale, preci
                 pltriton.store(ref.at[bh, rows, j], x, mask=upper)
                 pltriton.store(ref.at[bh, rows, j + HALF], x, mask=~upper)
 
-    score_refs = (q_ref, k_ref, b_ref, G_ref, bh // H, bh % H, bh)
-    a_d, t_d = _diag_scores(*score_refs, r0, K=K, scale=scale, precision=precision, put=put)
+    bi, h = bh // H, bh % H
+    a_d, t_d = _diag_scores(
+        q_ref, k_ref, b_ref, G_ref, bi, h, bh, r0, K=K, scale=scale, precision=precision, put=put
+    )
     if columns:
         # Only the off-diagonal quadrants: the diagonal ones are the columns already stored.
         r, c = iota((SUB, SUB), 0), iota((SUB, SUB), 1)
@@ -262,15 +279,18 @@ def chunk_diag(q, k, b, G, *, scale, cfg: ChunkConfig, num: Numerics):
     )(q, k, b, G)
 
 
-def _intra_kernel(*refs, H, K, V, scale, cfg, num):
-    q_ref, k_ref, b_ref, v_ref, w_ref, G_ref, gc_ref, a_diag_ref, t_diag_ref = refs[:9]
-    aqk_ref, ainv_ref, u_ref, y_ref, qg_ref, kt_ref = refs[9:]
+def _intra_kernel(
+    q_ref, k_ref, b_ref, v_ref, w_ref, G_ref, gc_ref, a_diag_ref, t_diag_ref,
+    aqk_ref, ainv_ref, u_ref, y_ref, qg_ref, kt_ref,
+    *, H, K, V, scale, cfg, num,
+):  # fmt: skip
     c, bh = pl.program_id(0), pl.program_id(1)
     bi, h = bh // H, bh % H
     t0 = c * CHUNK
     bk = min(cfg.intra_block_k, K)
-    score_refs = (q_ref, k_ref, b_ref, G_ref, bi, h, bh)
-    a_off, t_off = _offdiag_scores(*score_refs, t0, K=K, bk=bk, scale=scale, num=num)
+    a_off, t_off = _offdiag_scores(
+        q_ref, k_ref, b_ref, G_ref, bi, h, bh, t0, K=K, bk=bk, scale=scale, num=num
+    )
     a_blocks, t_blocks = dict(a_off), dict(t_off)
     for i in range(NUM_SUB):
         rows = pl.ds(t0 + SUB * i, SUB)
@@ -278,8 +298,11 @@ def _intra_kernel(*refs, H, K, V, scale, cfg, num):
     _store_blocks(aqk_ref, bh, t0, a_blocks, aqk_ref.dtype)
     _store_blocks(ainv_ref, bh, t0, _solve_blocks(t_blocks, num.solve_precision), ainv_ref.dtype)
     barrier(num)
-    refs = (q_ref, k_ref, b_ref, v_ref, w_ref, G_ref, gc_ref, ainv_ref, u_ref, y_ref, qg_ref)
-    _aux((*refs, kt_ref), bi, h, bh, c, K=K, V=V, scale=scale, block=cfg.aux_block, num=num)
+    key_refs = KeyRefs(q=q_ref, k=k_ref, b=b_ref, G=G_ref, gc=gc_ref, y=y_ref, qg=qg_ref, kt=kt_ref)
+    _aux(
+        key_refs, v_ref, w_ref, ainv_ref, u_ref, bi, h, bh, c,
+        K=K, V=V, scale=scale, block=cfg.aux_block, num=num,
+    )  # fmt: skip
 
 
 def chunk_intra(q, k, v, g, b, w, *, scale, cfg: ChunkConfig, num: Numerics):
@@ -311,34 +334,55 @@ def chunk_intra(q, k, v, g, b, w, *, scale, cfg: ChunkConfig, num: Numerics):
     return {"G": G, "gc": gc, **dict(zip(shapes, outs, strict=True))}
 
 
-def walk_chunks(refs, bh, vs, *, H, K, NT, bv, num, emit):
+class WalkRefs(NamedTuple):
+    """The refs `walk_chunks` reads (seq, first, last [NT] int32; h0 [N+1, B, H, K, V] f32;
+    y, kt [BH, Tp, K]; u [BH, Tp, V]; gc [BH, NT, K]) and writes (fin [N+1, B, H, K, V])."""
+
+    seq: Any
+    first: Any
+    last: Any
+    h0: Any
+    y: Any
+    u: Any
+    kt: Any
+    gc: Any
+    fin: Any
+
+
+def walk_chunks(refs: WalkRefs, bh, vs, *, H, K, NT, bv, num, emit):
     """The serial pass over one (V block, batch·head): per chunk the reset to the initial state
     where a sequence starts, R = U − Y S, `emit(c, rows, S, Rd)` (Rd: R in the matmul dtype),
     S ← Diag(γ_C) S + K_tailᵀ R, and the final state where a sequence ends."""
-    seq_ref, first_ref, last_ref, h0_ref, y_ref, u_ref, kt_ref, gc_ref, fin_ref = refs
     bi, h = bh // H, bh % H
 
     def body(c, S):
         rows = pl.ds(c * CHUNK, CHUNK)
-        slot = seq_ref[c]
-        S = jax.lax.cond(first_ref[c] != 0, lambda: h0_ref[slot, bi, h, :, vs], lambda: S)
-        R = u_ref[bh, rows, vs].astype(F32) - mm_cast(y_ref[bh, rows, :], S, num)
+        slot = refs.seq[c]
+        S = jax.lax.cond(refs.first[c] != 0, lambda: refs.h0[slot, bi, h, :, vs], lambda: S)
+        R = refs.u[bh, rows, vs].astype(F32) - mm_cast(refs.y[bh, rows, :], S, num)
         Rd = R.astype(num.mm_dtype)
         emit(c, rows, S, Rd)
-        S = jnp.exp(gc_ref[bh, c, :])[:, None] * S + mm_cast(kt_ref[bh, rows, :], Rd, num, ta=True)
+        S = jnp.exp(refs.gc[bh, c, :])[:, None] * S + mm_cast(
+            refs.kt[bh, rows, :], Rd, num, ta=True
+        )
 
-        @pl.when(last_ref[c] != 0)
+        @pl.when(refs.last[c] != 0)
         def _():
-            fin_ref[slot, bi, h, :, vs] = S
+            refs.fin[slot, bi, h, :, vs] = S
 
         return S
 
     jax.lax.fori_loop(0, NT, body, jnp.zeros((K, bv), F32))
 
 
-def _state_kernel(*refs, H, K, NT, bv, num):
-    seq_ref, first_ref, last_ref, h0_ref, fin0_ref, y_ref, u_ref, qg_ref, kt_ref = refs[:9]
-    aqk_ref, gc_ref, o_ref, fin_ref, *saved = refs[9:]
+def _state_kernel(
+    seq_ref, first_ref, last_ref, h0_ref, fin0_ref,
+    y_ref, u_ref, qg_ref, kt_ref, aqk_ref, gc_ref,
+    o_ref, fin_ref, s0_ref=None, r_ref=None,
+    *, H, K, NT, bv, num,
+):  # fmt: skip
+    """s0_ref, r_ref: each chunk's S₀ and R, outputs of the residual-saving variant only (None
+    in the other, whose pallas_call has two outputs)."""
     vb, bh = pl.program_id(0), pl.program_id(1)
     bi, h = bh // H, bh % H
     vs = pl.ds(pl.multiple_of(vb * bv, bv), bv)
@@ -347,12 +391,14 @@ def _state_kernel(*refs, H, K, NT, bv, num):
     def emit(c, rows, S, Rd):
         o = mm_cast(qg_ref[bh, rows, :], S, num) + mm_cast(aqk_ref[bh, rows, :], Rd, num)
         o_ref[bi, rows, h, vs] = o.astype(o_ref.dtype)
-        if saved:
-            s0_ref, r_ref = saved
+        if s0_ref is not None:
             s0_ref[bh, c, :, vs] = S.astype(s0_ref.dtype)
             r_ref[bh, rows, vs] = Rd
 
-    walk_refs = (seq_ref, first_ref, last_ref, h0_ref, y_ref, u_ref, kt_ref, gc_ref, fin_ref)
+    walk_refs = WalkRefs(
+        seq=seq_ref, first=first_ref, last=last_ref, h0=h0_ref,
+        y=y_ref, u=u_ref, kt=kt_ref, gc=gc_ref, fin=fin_ref,
+    )  # fmt: skip
     walk_chunks(walk_refs, bh, vs, H=H, K=K, NT=NT, bv=bv, num=num, emit=emit)
 
 

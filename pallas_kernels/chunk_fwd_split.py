@@ -22,6 +22,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels.chunk_fwd import (
+    KeyRefs,
+    WalkRefs,
     _offdiag_scores,
     _store_blocks,
     chunk_cumsum,
@@ -65,13 +67,18 @@ def _double_diag_block(t_ref, bh, r0, precision):
     return d
 
 
-def _solve_kernel(*refs, H, K, scale, cfg, num):
-    q_ref, k_ref, b_ref, G_ref, a_diag_ref, t_diag_ref, aqk_ref, ainv_ref = refs
+def _solve_kernel(
+    q_ref, k_ref, b_ref, G_ref, a_diag_ref, t_diag_ref,
+    aqk_ref, ainv_ref,
+    *, H, K, scale, cfg, num,
+):  # fmt: skip
     c, bh = pl.program_id(0), pl.program_id(1)
     t0 = c * CHUNK
     bk = min(cfg.intra_block_k, K)
-    score_refs = (q_ref, k_ref, b_ref, G_ref, bh // H, bh % H, bh)
-    a_blocks, t_blocks = _offdiag_scores(*score_refs, t0, K=K, bk=bk, scale=scale, num=num)
+    bi, h = bh // H, bh % H
+    a_blocks, t_blocks = _offdiag_scores(
+        q_ref, k_ref, b_ref, G_ref, bi, h, bh, t0, K=K, bk=bk, scale=scale, num=num
+    )
     inverse = {}
     for i in range(NUM_SUB):
         r0 = t0 + SUB * i
@@ -85,9 +92,11 @@ def _solve_kernel(*refs, H, K, scale, cfg, num):
     _store_blocks(ainv_ref, bh, t0, inverse, ainv_ref.dtype)
 
 
-def _wy_kernel(*refs, H, K, V, scale, block, num):
-    q_ref, k_ref, b_ref, v_ref, w_ref, G_ref, gc_ref, ainv_ref = refs[:8]
-    u_ref, y_ref, qg_ref, kt_ref = refs[8:]
+def _wy_kernel(
+    q_ref, k_ref, b_ref, v_ref, w_ref, G_ref, gc_ref, ainv_ref,
+    u_ref, y_ref, qg_ref, kt_ref,
+    *, H, K, V, scale, block, num,
+):  # fmt: skip
     c, bh, col = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     bi, h = bh // H, bh % H
     rows = pl.ds(c * CHUNK, CHUNK)
@@ -103,7 +112,9 @@ def _wy_kernel(*refs, H, K, V, scale, block, num):
     @pl.when(col >= n_value_tiles)
     def _():
         ks = pl.ds(pl.multiple_of((col - n_value_tiles) * bk, bk), bk)
-        key_refs = (q_ref, k_ref, b_ref, G_ref, gc_ref, y_ref, qg_ref, kt_ref)
+        key_refs = KeyRefs(
+            q=q_ref, k=k_ref, b=b_ref, G=G_ref, gc=gc_ref, y=y_ref, qg=qg_ref, kt=kt_ref
+        )
         key_tiles(A, key_refs, bi, h, bh, c, ks, scale=scale, num=num)
 
 
@@ -151,9 +162,12 @@ def chunk_intra_split(q, k, v, g, b, w, *, scale, cfg: ChunkConfig, num: Numeric
     return {"G": G, "gc": gc, "aqk": aqk, "ainv": ainv, "u": u, "y": y, "qg": qg, "kt": kt}
 
 
-def _states_kernel(*refs, H, K, NT, bv, num):
-    seq_ref, first_ref, last_ref, h0_ref, fin0_ref, y_ref, u_ref, kt_ref, gc_ref = refs[:9]
-    fin_ref, s0_ref = refs[9:]
+def _states_kernel(
+    seq_ref, first_ref, last_ref, h0_ref, fin0_ref,
+    y_ref, u_ref, kt_ref, gc_ref,
+    fin_ref, s0_ref,
+    *, H, K, NT, bv, num,
+):  # fmt: skip
     vb, bh = pl.program_id(0), pl.program_id(1)
     vs = pl.ds(pl.multiple_of(vb * bv, bv), bv)
     del fin0_ref  # aliased to fin_ref: slots no chunk finishes keep their zeros
@@ -162,12 +176,15 @@ def _states_kernel(*refs, H, K, NT, bv, num):
         del rows, Rd  # the output launch recomputes R from the stored S₀
         s0_ref[bh, c, :, vs] = S.astype(s0_ref.dtype)
 
-    walk_refs = (seq_ref, first_ref, last_ref, h0_ref, y_ref, u_ref, kt_ref, gc_ref, fin_ref)
+    walk_refs = WalkRefs(
+        seq=seq_ref, first=first_ref, last=last_ref, h0=h0_ref,
+        y=y_ref, u=u_ref, kt=kt_ref, gc=gc_ref, fin=fin_ref,
+    )  # fmt: skip
     walk_chunks(walk_refs, bh, vs, H=H, K=K, NT=NT, bv=bv, num=num, emit=emit)
 
 
-def _output_kernel(*refs, H, bv, num):
-    s0_ref, y_ref, u_ref, qg_ref, aqk_ref, o_ref, *r_ref = refs
+def _output_kernel(s0_ref, y_ref, u_ref, qg_ref, aqk_ref, o_ref, r_ref=None, *, H, bv, num):
+    """r_ref: R, an output of the residual-saving variant only (None in the other)."""
     c, bh, vb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     rows = pl.ds(c * CHUNK, CHUNK)
     vs = pl.ds(pl.multiple_of(vb * bv, bv), bv)
@@ -176,8 +193,8 @@ def _output_kernel(*refs, H, bv, num):
     Rd = R.astype(num.mm_dtype)
     o = mm_cast(qg_ref[bh, rows, :], S0, num) + mm_cast(aqk_ref[bh, rows, :], Rd, num)
     o_ref[bh // H, rows, bh % H, vs] = o.astype(o_ref.dtype)
-    if r_ref:
-        r_ref[0][bh, rows, vs] = Rd
+    if r_ref is not None:
+        r_ref[bh, rows, vs] = Rd
 
 
 def chunk_states(intra, h0s, segments, *, cfg: ChunkConfig, num: Numerics):

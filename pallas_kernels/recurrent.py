@@ -17,8 +17,11 @@ from pallas_kernels.common import F32, compiler_params, dims_unsupported, dtypes
 from pallas_kernels.config import DEFAULT_RECURRENT_CONFIG, RecurrentConfig, state_tile_v
 
 
-def _recurrent_kernel(*refs, H, T, bv, scale, packed):
-    cu_ref, q_ref, k_ref, v_ref, g_ref, b_ref, w_ref, h0_ref, o_ref, fin_ref = refs
+def _recurrent_kernel(
+    cu_ref, q_ref, k_ref, v_ref, g_ref, b_ref, w_ref, h0_ref,
+    o_ref, fin_ref,
+    *, H, T, bv, scale, packed,
+):  # fmt: skip
     vb, nh = pl.program_id(0), pl.program_id(1)
     n, h = nh // H, nh % H
     vs = pl.ds(pl.multiple_of(vb * bv, bv), bv)
