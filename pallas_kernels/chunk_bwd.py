@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import F32, Numerics, compiler_params, iota, mm, mm_cast
-from pallas_kernels.config import CHUNK, NUM_SUB, SUB, ChunkConfig, state_tile_v
+from pallas_kernels.common import F32, ZEROS_INPUT, Numerics, compiler_params, iota, mm, mm_cast
+from pallas_kernels.config import CHUNK, NUM_SUB, SUB, ChunkConfig, dstate_launch, state_tile_v
 
 
 def _dstate_kernel(
@@ -79,8 +79,8 @@ def chunk_dstate(intra, saved_shape, segments, do, dfinals, *, cfg: ChunkConfig,
             jax.ShapeDtypeStruct(dfinals.shape, F32),
         ],
         grid=(V // bv, BH),
-        input_output_aliases={4: 2},
-        compiler_params=compiler_params(cfg.dstate),
+        input_output_aliases={ZEROS_INPUT: 2},
+        compiler_params=compiler_params(dstate_launch(cfg.dstate, K)),
         interpret=num.interpret,
         name="gdn2_chunk_bwd_dstate",
     )(seq, first, last, dfinals.astype(F32), jnp.zeros(dfinals.shape, F32), do,

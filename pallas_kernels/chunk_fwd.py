@@ -23,7 +23,17 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.common import F32, Numerics, barrier, compiler_params, iota, mm, mm_cast, row
+from pallas_kernels.common import (
+    F32,
+    ZEROS_INPUT,
+    Numerics,
+    barrier,
+    compiler_params,
+    iota,
+    mm,
+    mm_cast,
+    row,
+)
 from pallas_kernels.config import CHUNK, NUM_SUB, SUB, ChunkConfig, state_tile_v
 
 HALF = SUB // 2
@@ -425,7 +435,7 @@ def chunk_state(intra, h0s, segments, out_dtype, *, cfg: ChunkConfig, num: Numer
         kernel,
         out_shape=out_shape,
         grid=(V // bv, BH),
-        input_output_aliases={4: 1},
+        input_output_aliases={ZEROS_INPUT: 1},
         compiler_params=compiler_params(cfg.state),
         interpret=num.interpret,
         name="gdn2_chunk_fwd_state" + ("_save" if save else ""),

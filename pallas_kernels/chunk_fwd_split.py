@@ -33,7 +33,7 @@ from pallas_kernels.chunk_fwd import (
     u_tile,
     walk_chunks,
 )
-from pallas_kernels.common import F32, Numerics, compiler_params, iota, mm, mm_cast
+from pallas_kernels.common import F32, ZEROS_INPUT, Numerics, compiler_params, iota, mm, mm_cast
 from pallas_kernels.config import CHUNK, NUM_SUB, SUB, ChunkConfig, state_tile_v
 
 
@@ -212,7 +212,7 @@ def chunk_states(intra, h0s, segments, *, cfg: ChunkConfig, num: Numerics):
             jax.ShapeDtypeStruct((BH, NT, K, V), num.mm_dtype),
         ],
         grid=(V // bv, BH),
-        input_output_aliases={4: 0},
+        input_output_aliases={ZEROS_INPUT: 0},
         compiler_params=compiler_params(cfg.state),
         interpret=num.interpret,
         name="gdn2_chunk_fwd_states",

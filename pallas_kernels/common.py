@@ -10,6 +10,10 @@ from pallas_kernels.config import SUPPORTED_DIMS, Launch
 
 F32 = jnp.float32
 HIGHEST = jax.lax.Precision.HIGHEST
+# The state passes take (seq, first, last, initial states, zeros, ...): input 4 is a zero-filled
+# buffer of per-sequence states aliased to the output that holds them, so the entries of
+# sequences that a program does not end stay zero without a separate fill.
+ZEROS_INPUT = 4
 # Each operand split into three TF32 parts: float32 accuracy on the tensor cores.
 TF32X3 = jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3
 

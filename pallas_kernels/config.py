@@ -93,6 +93,19 @@ class Launch:
             )
 
 
+# The reverse state pass loads K-wide tiles of three arrays per chunk: at K = 256 its two
+# pipeline stages asked for 237,588 B of shared memory on an H100 (232,448 available;
+# benchmarks/RESULTS.md, 2026-12-07), so above this K it runs one stage.
+MAX_PIPELINED_DSTATE_K = 128
+
+
+def dstate_launch(launch: Launch, K: int) -> Launch:
+    """The reverse state pass's launch at K: one stage above MAX_PIPELINED_DSTATE_K."""
+    if K <= MAX_PIPELINED_DSTATE_K:
+        return launch
+    return dataclasses.replace(launch, num_stages=1)
+
+
 @dataclasses.dataclass(frozen=True)
 class ChunkConfig:
     """Tiles of the chunkwise forward and backward kernels (K, V, a block are clipped to K, V)."""

@@ -14,7 +14,7 @@ import pytest
 import torch
 from fla.ops.gdn2.naive import naive_recurrent_gdn2
 from op_testing import OpBackendTests
-from testing import kernel_names
+from testing import kernel_launches, kernel_names
 
 import pallas_kernels
 from gdn2_jax.crosscheck import NAMES, Shape, make_inputs, rel_err
@@ -205,6 +205,25 @@ def test_chunk_core_at_the_widest_heads_matches_xla_core(dims):
     """K, V = 256: the state passes' V tile shrinks so the [K, BV] state tile keeps its size."""
     K, V = dims
     _assert_core_matches_xla_core(ChunkConfig(), Shape(B=1, T=64, H=1, K=K, V=V), seed=46)
+
+
+@pytest.mark.parametrize("K", [128, 256])
+def test_reverse_state_pass_pipelines_only_where_its_tiles_fit(K):
+    """The gradient's reverse state pass keeps the config's stages up to K = 128 and runs one
+    stage at K = 256, where two asked for more shared memory than a Hopper SM has."""
+    x = make_inputs(47, Shape(B=1, T=64, H=1, K=K, V=64))
+    args = [jnp.asarray(x[n], jnp.float32 if n == "g" else jnp.bfloat16) for n in NAMES[:6]]
+    h0s = jnp.zeros((2, 1, 1, K, 64), jnp.float32)
+    cfg = ChunkConfig()
+
+    def loss(*a):
+        o, _ = pallas_chunk_core(*a, h0s, dense_segments(1), 0.1, 64, cfg, True)
+        return o.astype(jnp.float32).sum()
+
+    (launch,) = kernel_launches(jax.grad(loss, argnums=(0,)), *args)["gdn2_chunk_bwd_dstate"]
+    assert cfg.dstate.num_stages == 2
+    assert launch.num_stages == (2 if K == 128 else 1)
+    assert launch.num_warps == cfg.dstate.num_warps
 
 
 @pytest.mark.parametrize("packed", [False, True])

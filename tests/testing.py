@@ -26,6 +26,7 @@ HIDDEN = 48
 __all__ = [
     "HIDDEN",
     "jax_layer_from",
+    "kernel_launches",
     "kernel_names",
     "make_fla_layer",
     "patch_fla_for_cpu",
@@ -42,21 +43,30 @@ def _sub_jaxprs(eqn):
                 yield item
 
 
-def _count_kernels(jaxpr, counts):
+def _pallas_calls(jaxpr):
+    """Every pallas_call equation of `jaxpr`, through its nested jaxprs."""
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "pallas_call":
-            counts[eqn.params["name"]] += 1
+            yield eqn
             continue
         for sub in _sub_jaxprs(eqn):
-            _count_kernels(sub, counts)
-    return counts
+            yield from _pallas_calls(sub)
 
 
 def kernel_names(fn, *args, **kwargs) -> collections.Counter:
     """How often each named pallas_call occurs in the traced program of fn(*args, **kwargs),
     through every nested jaxpr (jit, custom_vjp, shard_map, checkpoint, scan, while)."""
     jaxpr = jax.make_jaxpr(fn)(*args, **kwargs)
-    return _count_kernels(jaxpr.jaxpr, collections.Counter())
+    return collections.Counter(eqn.params["name"] for eqn in _pallas_calls(jaxpr.jaxpr))
+
+
+def kernel_launches(fn, *args, **kwargs) -> dict:
+    """name -> the Triton compiler params of each named pallas_call in fn's traced program."""
+    jaxpr = jax.make_jaxpr(fn)(*args, **kwargs)
+    launches = collections.defaultdict(list)
+    for eqn in _pallas_calls(jaxpr.jaxpr):
+        launches[eqn.params["name"]].append(eqn.params["compiler_params"])
+    return dict(launches)
 
 
 def _torch_op(q, k, v, g, b, w, *, initial_state=None, output_final_state=False,
