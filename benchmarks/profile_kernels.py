@@ -30,21 +30,20 @@ COLUMNS = {
 }
 
 
-def profiled_run(shape: str):
+def profiled_run(shape: str, config: str):
     import jax
     import jax.numpy as jnp
     import torch
-    from bench_ops import Case, make_arrays
+    from bench_ops import Case, config_forward, make_arrays, op_forward, parse_config
     from fla.ops.gdn2 import chunk_gdn2
-
-    from gdn2_jax.ops import gated_delta_rule2
 
     case = Case(*map(int, shape.split("x")))
     arrays = make_arrays(case)
     args = [jnp.asarray(arrays[n], jnp.float32 if n == "g" else jnp.bfloat16) for n in "qkvgbw"]
+    fwd = config_forward(parse_config(config), case) if config else op_forward("pallas")
 
     def loss(*a):
-        return jnp.sum(gated_delta_rule2(*a, backend="pallas")[0].astype(jnp.float32))
+        return jnp.sum(fwd(*a).astype(jnp.float32))
 
     grad = jax.jit(jax.grad(loss, argnums=tuple(range(6))))
     tensors = [
@@ -97,12 +96,17 @@ def summarize(path: str) -> str:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="4x4096", help="B x T (H = 16, K = V = 128, bf16)")
+    parser.add_argument(
+        "--config",
+        default="",
+        help="ChunkConfig choices for the Pallas core, e.g. structure=split_prep (default: the op)",
+    )
     parser.add_argument("--summarize", metavar="CSV", help="print ncu's CSV as a table instead")
     args = parser.parse_args()
     if args.summarize:
         print(summarize(args.summarize))
     else:
-        profiled_run(args.shape)
+        profiled_run(args.shape, args.config)
 
 
 if __name__ == "__main__":
