@@ -2,9 +2,9 @@
 # One GPU call for issue 14 (several minutes): the fused decoding step's GPU tests; the
 # launch-by-launch profile of one decoding step of the recurrent 1.3B model at batch 1 and at
 # batch 2 (whether a two-row projection escapes the multiply-and-reduce rewrite that a one-row
-# dot gets, the costliest launches of the batch-1 profile); at batch 64 over 16 and over 64
-# steps (the 16-step program asked for 77 GiB while generate's 255-step one runs), the first
-# with the decode module's optimized HLO and buffer assignment kept; then the generation
+# dot gets, the costliest launches of the batch-1 profile); at batch 64 over 16 steps (with the
+# decode module's optimized HLO kept), over 64 steps, and with XLA's loop unrolling off (the
+# 16-step program asked for 77 GiB while generate's 255-step one runs); then the generation
 # benchmark at batch 1 and 64 with the default (fused) and the unfused step and the per-layer
 # step table (ours unfused, ours fused, fla's layer and op).
 # Run from the repository root: bash scripts/generate_gpu_check.sh [OUT_DIR]
@@ -30,6 +30,10 @@ mkdir -p "$out/hlo_b64"
 cp "$dump"/*stream_decode*after_optimizations* "$out/hlo_b64/" \
   || echo "no stream_decode module in the dump"
 profile b64_steps64 --batch 64 --steps 64
+# XLA unrolls while loops of small known trip count by default (AUTO_UNROLL); this run keeps
+# the 16-step scan rolled.
+XLA_FLAGS=--xla_gpu_enable_while_loop_unrolling=WHILE_LOOP_UNROLLING_NO_UNROLL \
+  profile b64_no_unroll --batch 64
 python3 benchmarks/bench_generate.py --presets gdn2-1.3b --batches 1 64 \
   --variants "" gdn2_decode=unfused --repeats 2 --layer-steps 100 \
   --json "$out/bench_generate.json" || status=1
