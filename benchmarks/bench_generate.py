@@ -12,7 +12,8 @@ as `--prefill-tokens` allows), `decode ms/tok` (its
 compiled decode loop over the other new tokens, divided by their number), `generate ms`
 (`Generator.generate` end to end) and `overhead ms` = generate − prefill − (N − 1) · decode;
 `generate() ms` is the module-level `generate`, which splits the model's graph on every call.
-Times are medians of `--repeats` after a compile and a warm-up call. A variant is a
+Times are medians of `--repeats` after a compile and a warm-up call; `min` is the generator's
+`min_decode_rows` (`--min-decode-rows`). A variant is a
 comma-separated list of `ModelConfig` overrides ("" for the defaults).
 
 The per-layer table times one token of one GDN-2 layer of the preset's shapes at each batch:
@@ -49,6 +50,7 @@ class Row:
     preset: str
     variant: str
     batch: int
+    min_decode_rows: int
     prompt_len: int
     new_tokens: int
     prefill_rows: int
@@ -85,6 +87,14 @@ def parse_args(argv=None):
         "--prefill-tokens", type=int, default=PREFILL_TOKENS,
         help="Generator(prefill_tokens=...): prompt tokens prefilled at once; 0 for all rows",
     )  # fmt: skip
+    parser.add_argument(
+        "--min-decode-rows", nargs="+", type=int, default=[1],
+        help="Generator(min_decode_rows=...) values, each a row per variant and batch",
+    )  # fmt: skip
+    parser.add_argument(
+        "--decode-block-v", nargs="+", type=int, default=[],
+        help="also time the fused layer step with each DecodeConfig.block_v",
+    )  # fmt: skip
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--layer-steps", type=int, default=200 if on_gpu else 4)
     parser.add_argument("--no-fla", action="store_true", help="skip fla's PyTorch layer step")
@@ -93,8 +103,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.new_tokens < 2 or args.prompt_len < 1 or args.repeats < 1 or args.layer_steps < 1:
         parser.error("--new-tokens must be >= 2; --prompt-len, --repeats, --layer-steps >= 1")
-    if min(args.batches) < 1:
-        parser.error("--batches must be >= 1")
+    if min(args.batches) < 1 or min(args.min_decode_rows) < 1:
+        parser.error("--batches and --min-decode-rows must be >= 1")
     if not on_gpu and not args.no_fla:
         print("no GPU: fla's PyTorch layer step (Triton kernels) is skipped")
         args.no_fla = True
@@ -115,12 +125,14 @@ def _median_s(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def time_generate(cfg: ModelConfig, batch: int, args, preset: str, variant: str) -> Row:
+def time_generate(
+    cfg: ModelConfig, batch: int, args, preset: str, variant: str, min_rows: int
+) -> Row:
     start = time.perf_counter()
     model = CausalLM(cfg, rngs=nnx.Rngs(0))
     prompt = jax.random.randint(jax.random.key(1), (batch, args.prompt_len), 0, cfg.vocab_size)
     N = args.new_tokens
-    gen = Generator(model, prefill_tokens=args.prefill_tokens or None)
+    gen = Generator(model, prefill_tokens=args.prefill_tokens or None, min_decode_rows=min_rows)
     # The Generator's own compiled pieces, called as `Generator.generate` calls them.
     lengths = jnp.full((batch,), args.prompt_len, jnp.int32)
     eos, pad = jnp.full((batch,), -1, jnp.int32), jnp.asarray(0, jnp.int32)
@@ -136,13 +148,18 @@ def time_generate(cfg: ModelConfig, batch: int, args, preset: str, variant: str)
     carry = jax.block_until_ready(prefill())
 
     def decode():
-        return gen.decode_fn(gen.state, carry, keys[1:], eos, pad, sampling=gen.sampling)
+        return gen.decode_fn(
+            gen.state, carry, keys[1:], eos, pad, sampling=gen.sampling, min_rows=min_rows
+        )
 
     def whole():
         return gen.generate(prompt, max_new_tokens=N)
 
     def whole_fn():
-        return generate(model, prompt, max_new_tokens=N, prefill_tokens=gen.prefill_tokens)
+        return generate(
+            model, prompt, max_new_tokens=N, prefill_tokens=gen.prefill_tokens,
+            min_decode_rows=min_rows,
+        )  # fmt: skip
 
     for fn in (decode, whole, whole_fn):
         jax.block_until_ready(fn())  # compile, then one warm call
@@ -155,6 +172,7 @@ def time_generate(cfg: ModelConfig, batch: int, args, preset: str, variant: str)
         preset=preset,
         variant=variant or "defaults",
         batch=batch,
+        min_decode_rows=min_rows,
         prompt_len=args.prompt_len,
         new_tokens=N,
         prefill_rows=gen.rows(prompt),
@@ -169,13 +187,14 @@ def time_generate(cfg: ModelConfig, batch: int, args, preset: str, variant: str)
     )
 
 
-def _gdn2_layer(cfg: ModelConfig, decode: str) -> GatedDeltaRule2:
+def _gdn2_layer(cfg: ModelConfig, decode: str, block_v: int | None = None) -> GatedDeltaRule2:
     dtype = jnp.dtype(cfg.dtype)
     return GatedDeltaRule2(
         cfg.hidden_size, cfg.gdn2_num_heads, cfg.gdn2_head_dim,
         expand_v=cfg.gdn2_expand_v, conv_size=cfg.conv_size, output_gate=cfg.output_gate,
         norm_eps=cfg.norm_eps, recurrent_backend=cfg.gdn2_recurrent_backend, decode=decode,
-        interpret=cfg.gdn2_interpret, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0),
+        decode_block_v=block_v, interpret=cfg.gdn2_interpret, dtype=dtype, param_dtype=dtype,
+        rngs=nnx.Rngs(0),
     )  # fmt: skip
 
 
@@ -190,15 +209,19 @@ def _loop_us(step, carry, x, steps: int) -> float:
     return _median_s(lambda: loop(carry), 3) / steps * 1e6
 
 
-def time_layer_steps(cfg: ModelConfig, batch: int, steps: int) -> list[LayerRow]:
-    """Our whole layer step, fused and unfused (where the fused one runs here)."""
+def time_layer_steps(
+    cfg: ModelConfig, batch: int, steps: int, block_vs: list[int] = ()
+) -> list[LayerRow]:
+    """Our whole layer step, unfused and fused (where the fused one runs here; also with each
+    of `block_vs` V columns per program)."""
     x = jax.random.normal(jax.random.key(0), (batch, cfg.hidden_size), jnp.dtype(cfg.dtype))
     rows = []
-    for decode in ("unfused", "fused"):
-        layer = _gdn2_layer(cfg, decode)
+    for decode, block_v in [("unfused", None), ("fused", None), *(("fused", b) for b in block_vs)]:
+        layer = _gdn2_layer(cfg, decode, block_v)
+        name = f"ours layer step {decode}" + (f" block_v={block_v}" if block_v else "")
         reason = layer.fused_decode_unsupported(layer.dtype) if decode == "fused" else None
         if reason is not None:
-            rows.append(LayerRow(batch, f"ours layer step {decode}", None, f"not run: {reason}"))
+            rows.append(LayerRow(batch, name, None, f"not run: {reason}"))
             continue
         graphdef, state = nnx.split(layer)
 
@@ -206,7 +229,7 @@ def time_layer_steps(cfg: ModelConfig, batch: int, steps: int) -> list[LayerRow]
             return nnx.merge(graphdef, state).step(x, cache)[1]
 
         us = _loop_us(layer_step, layer.init_cache(batch), x, steps)
-        rows.append(LayerRow(batch, f"ours layer step {decode}", us))
+        rows.append(LayerRow(batch, name, us))
     return rows
 
 
@@ -234,7 +257,7 @@ def time_layers(cfg: ModelConfig, args) -> list[LayerRow]:
     rows = []
     for batch in args.batches:
         rows += [
-            *time_layer_steps(cfg, batch, args.layer_steps),
+            *time_layer_steps(cfg, batch, args.layer_steps, args.decode_block_v),
             time_op_step(cfg, batch, args.layer_steps),
         ]
         if not args.no_fla:
@@ -247,7 +270,8 @@ def time_layers(cfg: ModelConfig, args) -> list[LayerRow]:
 def print_header() -> None:
     print(f"{jax.devices()[0].device_kind}, {jax.default_backend()}")
     print(
-        f"{'preset':12s} {'variant':24s} {'B':>3s} {'prompt':>6s} {'new':>4s} {'rows':>4s} "
+        f"{'preset':12s} {'variant':24s} {'B':>3s} {'min':>3s} {'prompt':>6s} {'new':>4s} "
+        f"{'rows':>4s} "
         f"{'prefill ms':>10s} "
         f"{'decode ms/tok':>13s} {'generate ms':>11s} {'overhead ms':>11s} "
         f"{'generate() ms':>13s} {'decode tok/s':>12s} {'tok/s':>9s}",
@@ -257,8 +281,8 @@ def print_header() -> None:
 
 def print_row(r: Row) -> None:
     print(
-        f"{r.preset:12s} {r.variant:24s} {r.batch:3d} {r.prompt_len:6d} {r.new_tokens:4d} "
-        f"{r.prefill_rows:4d} {r.prefill_ms:10.2f} {r.decode_ms_per_token:13.3f} "
+        f"{r.preset:12s} {r.variant:24s} {r.batch:3d} {r.min_decode_rows:3d} {r.prompt_len:6d} "
+        f"{r.new_tokens:4d} {r.prefill_rows:4d} {r.prefill_ms:10.2f} {r.decode_ms_per_token:13.3f} "
         f"{r.generate_ms:11.1f} {r.overhead_ms:11.2f} {r.generate_fn_ms:13.1f} "
         f"{r.decode_tokens_per_s:12.0f} {r.tokens_per_s:9.0f}",
         flush=True,
@@ -267,10 +291,10 @@ def print_row(r: Row) -> None:
 
 def print_layer_rows(rows: list[LayerRow]) -> None:
     print("one GDN-2 layer, one token (the preset's first GDN-2 shapes)")
-    print(f"{'B':>3s} {'implementation':28s} {'us/step':>9s}")
+    print(f"{'B':>3s} {'implementation':38s} {'us/step':>9s}")
     for r in rows:
         us = f"{r.step_us:9.1f}" if r.step_us is not None else f"{'-':>9s}"
-        print(f"{r.batch:3d} {r.impl:28s} {us} {r.note}", flush=True)
+        print(f"{r.batch:3d} {r.impl:38s} {us} {r.note}", flush=True)
 
 
 def write_json(path: str | None, rows: list[Row], layer_rows: list[LayerRow]) -> None:
@@ -297,9 +321,10 @@ def main(argv=None):
         for variant in args.variants:
             cfg = model_config(preset, args.dtype, variant)
             for b in args.batches:
-                rows.append(time_generate(cfg, b, args, preset, variant))
-                print_row(rows[-1])
-                write_json(args.json, rows, [])
+                for min_rows in args.min_decode_rows:
+                    rows.append(time_generate(cfg, b, args, preset, variant, min_rows))
+                    print_row(rows[-1])
+                    write_json(args.json, rows, [])
     layer_rows = []
     if not args.no_layers:
         layer_rows = time_layers(model_config(args.presets[0], args.dtype, args.variants[0]), args)

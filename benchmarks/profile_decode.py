@@ -48,12 +48,15 @@ def parse_args(argv=None):
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=16, help="decoding steps profiled")
+    parser.add_argument(
+        "--min-decode-rows", type=int, default=1, help="Generator(min_decode_rows=...)"
+    )
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--top", type=int, default=25, help="rows of the grouped table")
     parser.add_argument("--json", help="also write the summary to this file")
     args = parser.parse_args(argv)
-    if min(args.batch, args.prompt_len, args.steps, args.top) < 1:
-        parser.error("--batch, --prompt-len, --steps and --top must be >= 1")
+    if min(args.batch, args.prompt_len, args.steps, args.top, args.min_decode_rows) < 1:
+        parser.error("--batch, --prompt-len, --steps, --top, --min-decode-rows must be >= 1")
     return args
 
 
@@ -116,7 +119,7 @@ def summarize(events: list[Launch], steps: int, top: int) -> dict:
 
 def profile(args) -> dict:
     cfg = model_config(args.preset, args.dtype, args.variant)
-    gen = Generator(CausalLM(cfg, rngs=nnx.Rngs(0)))
+    gen = Generator(CausalLM(cfg, rngs=nnx.Rngs(0)), min_decode_rows=args.min_decode_rows)
     B, T = args.batch, args.prompt_len
     prompt = jax.random.randint(jax.random.key(1), (B, T), 0, cfg.vocab_size)
     lengths, eos = jnp.full((B,), T, jnp.int32), jnp.full((B,), -1, jnp.int32)
@@ -127,7 +130,10 @@ def profile(args) -> dict:
     )  # fmt: skip
 
     def decode():
-        return gen.decode_fn(gen.state, carry, keys[1:], eos, jnp.int32(0), sampling=gen.sampling)
+        return gen.decode_fn(
+            gen.state, carry, keys[1:], eos, jnp.int32(0), sampling=gen.sampling,
+            min_rows=gen.min_decode_rows,
+        )  # fmt: skip
 
     jax.block_until_ready(decode())  # compile
     jax.block_until_ready(decode())  # warm

@@ -109,21 +109,36 @@ def _start(model, prompt, lengths, eos, key, *, max_len, sampling, rows):
     return first, caches, first == eos
 
 
-def _decode(model, carry, keys, eos, pad, *, sampling):
+def _pad_rows(tree, rows: int):
+    """Every leaf [B, ...] -> [rows, ...]: rows past B copy row B − 1 (identity if B = rows)."""
+
+    def pad(x):
+        extra = rows - x.shape[0]
+        return x if extra == 0 else jnp.concatenate([x, jnp.repeat(x[-1:], extra, axis=0)])
+
+    return jax.tree.map(pad, tree)
+
+
+def _decode(model, carry, keys, eos, pad, *, sampling, min_rows):
     """len(keys) decoding steps from carry = (token, caches, done) -> (carry, tokens [B, n]).
 
     A finished row (it emitted its eos) keeps stepping with its last token, masked: it emits
-    pad. The loop is a scan of static length, so the device never waits on the host.
+    pad. The loop is a scan of static length, so the device never waits on the host. The model
+    steps at least `min_rows` rows (copies of the last; see `Generator`); sampling sees the B
+    real rows only, so the tokens and random draws are those of the B rows alone.
     """
+    token, caches, done = carry
+    B = token.shape[0]
+    rows = max(B, min_rows)
 
     def body(carry, key_t):
         token, caches, done = carry
-        logits, caches = model.decode_step(token, caches)
-        nxt = jnp.where(done, pad, sample_logits(logits, key_t, sampling))
+        logits, caches = model.decode_step(_pad_rows(token, rows), caches)
+        nxt = jnp.where(done, pad, sample_logits(logits[:B], key_t, sampling))
         return (jnp.where(done, token, nxt), caches, done | (nxt == eos)), nxt
 
-    carry, tokens = jax.lax.scan(body, carry, keys)
-    return carry, tokens.T
+    (token, caches, done), tokens = jax.lax.scan(body, (token, _pad_rows(caches, rows), done), keys)
+    return (token, jax.tree.map(lambda x: x[:B], caches), done), tokens.T
 
 
 def _assemble(prompt, lengths, new, pad):
@@ -137,14 +152,16 @@ def _assemble(prompt, lengths, new, pad):
     return out.astype(jnp.int32)
 
 
-def _generate(graphdef, state, prompt, lengths, eos, pad, key, *, max_new_tokens, sampling, rows):
+def _generate(
+    graphdef, state, prompt, lengths, eos, pad, key, *, max_new_tokens, sampling, rows, min_rows
+):
     model = nnx.merge(graphdef, state)
     keys = jax.random.split(key, max_new_tokens)
     max_len = prompt.shape[1] + max_new_tokens
     carry = _start(
         model, prompt, lengths, eos, keys[0], max_len=max_len, sampling=sampling, rows=rows
     )
-    _, rest = _decode(model, carry, keys[1:], eos, pad, sampling=sampling)
+    _, rest = _decode(model, carry, keys[1:], eos, pad, sampling=sampling, min_rows=min_rows)
     return _assemble(prompt, lengths, jnp.concatenate([carry[0][:, None], rest], axis=1), pad)
 
 
@@ -153,8 +170,9 @@ def _stream_start(graphdef, state, prompt, lengths, eos, key, *, max_len, sampli
     return _start(model, prompt, lengths, eos, key, max_len=max_len, sampling=sampling, rows=rows)
 
 
-def _stream_decode(graphdef, state, carry, keys, eos, pad, *, sampling):
-    return _decode(nnx.merge(graphdef, state), carry, keys, eos, pad, sampling=sampling)
+def _stream_decode(graphdef, state, carry, keys, eos, pad, *, sampling, min_rows):
+    model = nnx.merge(graphdef, state)
+    return _decode(model, carry, keys, eos, pad, sampling=sampling, min_rows=min_rows)
 
 
 @functools.lru_cache(maxsize=8)
@@ -165,9 +183,9 @@ def _programs(graphdef):
     start = functools.partial(_stream_start, graphdef)
     decode = functools.partial(_stream_decode, graphdef)
     return (
-        jax.jit(run, static_argnames=("max_new_tokens", "sampling", "rows")),
+        jax.jit(run, static_argnames=("max_new_tokens", "sampling", "rows", "min_rows")),
         jax.jit(start, static_argnames=("max_len", "sampling", "rows")),
-        jax.jit(decode, static_argnames=("sampling",)),
+        jax.jit(decode, static_argnames=("sampling", "min_rows")),
     )
 
 
@@ -238,7 +256,10 @@ class Generator:
     changing them. `sampling` and `pad_id` (the token after a row's end) are fixed per generator.
     `prefill_tokens` bounds the prompt tokens prefilled at once, which bounds the prefill's
     memory: a larger batch prefills in groups of rows, one after another (`prefill_rows`), with
-    the same tokens as all at once; None prefills every row together.
+    the same tokens as all at once; None prefills every row together. `min_decode_rows` pads
+    a smaller batch's decoding step with copies of its last row: XLA turns a one-row matmul
+    into a multiply and a reduction, and a second row keeps the projections matrix products
+    (benchmarks/RESULTS.md); the padding rows' tokens are dropped.
     """
 
     def __init__(
@@ -248,7 +269,11 @@ class Generator:
         sampling: SamplingConfig = GREEDY,
         pad_id: int = 0,
         prefill_tokens: int | None = PREFILL_TOKENS,
+        min_decode_rows: int = 1,
     ):
+        if not isinstance(min_decode_rows, int | np.integer) or min_decode_rows < 1:
+            raise ValueError(f"min_decode_rows must be an int >= 1, got {min_decode_rows!r}")
+        self.min_decode_rows = int(min_decode_rows)
         if not isinstance(pad_id, int | np.integer):
             raise ValueError(f"pad_id must be an int, got {pad_id!r}")
         if prefill_tokens is not None and (
@@ -269,6 +294,7 @@ class Generator:
         return self.generate_fn(
             self.state, batch.prompt, batch.lengths, batch.eos, batch.pad, rng,
             max_new_tokens=max_new_tokens, sampling=self.sampling, rows=self.rows(batch.prompt),
+            min_rows=self.min_decode_rows,
         )  # fmt: skip
 
     def rows(self, prompt) -> int:
@@ -300,8 +326,9 @@ class Generator:
                 return
             block = keys[start : start + every]
             carry, tokens = self.decode_fn(
-                self.state, carry, block, batch.eos, batch.pad, sampling=self.sampling
-            )
+                self.state, carry, block, batch.eos, batch.pad, sampling=self.sampling,
+                min_rows=self.min_decode_rows,
+            )  # fmt: skip
             yield np.asarray(tokens)
 
 
@@ -316,6 +343,7 @@ def generate(
     prompt_lengths=None,
     pad_id: int = 0,
     prefill_tokens: int | None = PREFILL_TOKENS,
+    min_decode_rows: int = 1,
 ):
     """prompt [B, T] int32 -> [B, T + max_new_tokens] int32.
 
@@ -324,9 +352,13 @@ def generate(
     tokens, then `pad_id` to the common width. `eos_id` (an int, or [B] ints: a stop token per
     row) ends a row: it keeps the eos and holds `pad_id` after it. Greedy rows equal separate
     `generate` calls of each row alone. `prefill_tokens` bounds the prompt tokens prefilled at
-    once (see `Generator`). For repeated calls or streaming use a `Generator`.
+    once and `min_decode_rows` pads a smaller batch's decoding step (see `Generator`). For
+    repeated calls or streaming use a `Generator`.
     """
-    generator = Generator(model, sampling=sampling, pad_id=pad_id, prefill_tokens=prefill_tokens)
+    generator = Generator(
+        model, sampling=sampling, pad_id=pad_id, prefill_tokens=prefill_tokens,
+        min_decode_rows=min_decode_rows,
+    )  # fmt: skip
     return generator.generate(
         prompt, max_new_tokens=max_new_tokens, rng=rng, eos_id=eos_id,
         prompt_lengths=prompt_lengths,

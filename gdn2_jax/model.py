@@ -93,6 +93,7 @@ def _make_mixer(cfg: ModelConfig, kind: str, out_scale: float, rngs: nnx.Rngs):
             backend=cfg.gdn2_backend,
             recurrent_backend=cfg.gdn2_recurrent_backend,
             decode=cfg.gdn2_decode,
+            decode_block_v=cfg.gdn2_decode_block_v,
             chunk_size=cfg.chunk_size,
             interpret=cfg.gdn2_interpret,
             dtype=dt,

@@ -54,6 +54,8 @@ class ModelConfig:
     # The decoding step: "fused" (one Pallas kernel), "unfused", or "auto" (fused where it can
     # run, which is a GPU or interpret mode).
     gdn2_decode: Literal[DECODE_MODES] = "auto"
+    # V columns of the state per program of the fused step (None: the kernel's default).
+    gdn2_decode_block_v: int | None = None
     chunk_size: int = 64
     # attention mixers ("swa", "attn")
     attn_num_heads: int = 18

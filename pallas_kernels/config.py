@@ -63,7 +63,7 @@ def _check_tiles(config) -> None:
     owner = type(config).__name__
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
-        if isinstance(value, (Launch, str)):
+        if value is None or isinstance(value, (Launch, str)):
             continue
         _check_tile(owner, field.name, value)
 
@@ -173,11 +173,29 @@ class ChunkConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DecodeConfig:
-    """Fused decoding step (`pallas_kernels.decode`): one program per (sequence, value head)
-    holds that head's whole [K, V] float32 state, so it takes more warps than the V-blocked
-    token-serial kernel."""
+    """Fused decoding step (`pallas_kernels.decode`): one program per (sequence, value head,
+    block of `block_v` state columns), which holds its [K, block_v] float32 state tile in
+    registers. A program that holds a whole head's V columns also applies the gated RMSNorm;
+    with smaller tiles the norm over V, which spans programs, follows as one XLA fusion.
+    `launch` None takes one warp per 2048 state elements (64 a thread), 1 to 8 warps."""
 
-    launch: Launch = Launch(num_warps=8, num_stages=1)
+    block_v: int = 128
+    launch: Launch | None = None
+
+    def __post_init__(self):
+        _check_tiles(self)
+
+    def check_dims(self, K: int, V: int) -> None:
+        del K
+        _check_divides(self, (("block_v", "V"),), {"V": V})
+
+    def tile_v(self, V: int) -> int:
+        return min(self.block_v, V)
+
+    def launch_for(self, K: int, V: int) -> Launch:
+        if self.launch is not None:
+            return self.launch
+        return Launch(num_warps=min(8, max(1, K * self.tile_v(V) // 2048)), num_stages=1)
 
 
 DEFAULT_DECODE_CONFIG = DecodeConfig()

@@ -69,6 +69,35 @@ def test_fused_step_in_bfloat16_equals_unfused_step():
         assert rel_err(got.astype(jnp.float32), want.astype(jnp.float32)) < 2e-2
 
 
+@pytest.mark.parametrize(
+    ("K", "block_v", "programs"), [(32, 16, 2), (256, 64, 4)], ids=["K32_bv16", "K256_bv64"]
+)
+def test_fused_step_in_v_tiles_equals_unfused_step(K, block_v, programs):
+    """A head's V columns over `programs` programs, the gated RMSNorm after the kernel: the
+    unfused step's outputs and caches; at K = V = 256 only tiles fit a program's state."""
+    kw = dict(num_v_heads=4, allow_neg_eigval=True, conv_size=3, interpret=True)
+    x = jax.random.normal(jax.random.key(4), (2, 64))
+    fused = GatedDeltaRule2(
+        64, 2, K, decode="fused", decode_block_v=block_v, rngs=nnx.Rngs(0), **kw
+    )
+    unfused = GatedDeltaRule2(64, 2, K, decode="unfused", rngs=nnx.Rngs(0), **kw)
+    (y_f, cache_f), (y_u, cache_u) = _steps(fused, x, 3), _steps(unfused, x, 3)
+    assert 0.0 < rel_err(y_f, y_u) < STEP_TOL
+    for got, want in zip(cache_f, cache_u, strict=True):
+        assert rel_err(got, want) < STEP_TOL
+    cache = fused.init_cache(2)
+    jaxpr = str(jax.make_jaxpr(lambda x: fused.step(x, cache))(x))
+    assert kernel_names(lambda x: fused.step(x, cache), x) == {FUSED: 1}
+    assert f"grid=(2, 4, {programs})" in jaxpr.replace("grid_mapping=GridMapping(grid=", "grid=")
+
+
+def test_fused_step_tile_limits_name_the_config():
+    whole = GatedDeltaRule2(64, 2, 256, decode="fused", interpret=True, rngs=nnx.Rngs(0))
+    assert "block_v" in whole.fused_decode_unsupported(jnp.float32)
+    with pytest.raises(ValueError, match="decode_block_v"):
+        GatedDeltaRule2(64, 2, 32, decode_block_v=24, rngs=nnx.Rngs(0))
+
+
 def _decode_logits(model, token, caches):
     return model.decode_step(token, caches)[0]
 

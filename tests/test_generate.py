@@ -203,10 +203,38 @@ def test_decode_loop_has_a_static_trip_count():
     B, N = 2, 7
     lengths, eos, pad = jnp.full((B,), 5, jnp.int32), jnp.full((B,), -1, jnp.int32), jnp.int32(0)
     args = (jnp.zeros((B, 5), jnp.int32), lengths, eos, pad, jax.random.key(0))
-    hlo = gen.generate_fn.lower(gen.state, *args, max_new_tokens=N, sampling=GREEDY, rows=B)
+    hlo = gen.generate_fn.lower(
+        gen.state, *args, max_new_tokens=N, sampling=GREEDY, rows=B, min_rows=1
+    )
     text = hlo.compile().as_text()
     loops = re.findall(r"while\(.*known_trip_count\":\{\"n\":\"(\d+)\"", text)
     assert str(N - 1) in loops, loops
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-hybrid"], ids=["recurrent", "hybrid"])
+def test_min_decode_rows_pads_the_step_not_the_tokens(preset):
+    """One row decoded as two (a copy of it): the step's state has two rows in the program, and
+    the greedy and the sampled tokens (same key) are the one row's own, streamed or not."""
+    cfg = ModelConfig.preset(preset)
+    model = CausalLM(cfg, rngs=nnx.Rngs(3))
+    prompt = _tokens(1, 7, cfg.vocab_size, seed=5)
+    S = f"tensor<2x{cfg.gdn2_num_heads}x{cfg.gdn2_head_dim}x{cfg.gdn2_head_dim}xf32>"
+    for sampling, rng in ((GREEDY, None), (SamplingConfig(temperature=1.0), jax.random.key(7))):
+        kw = dict(max_new_tokens=9, rng=rng)
+        one, two = (Generator(model, sampling=sampling, min_decode_rows=n) for n in (1, 2))
+        want = np.asarray(one.generate(prompt, **kw))
+        np.testing.assert_array_equal(np.asarray(two.generate(prompt, **kw)), want)
+        streamed = np.concatenate(list(two.stream(prompt, every=4, **kw)), axis=1)
+        np.testing.assert_array_equal(streamed, want[:, 7:])
+    lengths, eos = jnp.full((1,), 7, jnp.int32), jnp.full((1,), -1, jnp.int32)
+    args = (prompt, lengths, eos, jnp.int32(0), jax.random.key(0))
+    for n, rows_in_program in ((1, False), (2, True)):
+        text = two.generate_fn.lower(
+            two.state, *args, max_new_tokens=4, sampling=GREEDY, rows=1, min_rows=n
+        ).as_text()
+        assert (S in text) == rows_in_program
+    with pytest.raises(ValueError, match="min_decode_rows"):
+        Generator(model, min_decode_rows=0)
 
 
 LOGITS = jnp.log(jnp.array([[0.05, 0.4, 0.1, 0.3, 0.15]]))

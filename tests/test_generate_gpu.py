@@ -46,16 +46,29 @@ def test_fused_decode_gives_the_same_greedy_tokens_on_gpu():
     np.testing.assert_array_equal(out["fused"], out["unfused"])
 
 
-def test_fused_step_in_bfloat16_and_its_kernel_on_gpu():
+def test_one_row_decoded_as_two_gives_its_own_tokens_on_gpu():
+    """`min_decode_rows=2` runs a one-row batch's projections as two-row matrix products (XLA
+    rewrites one-row ones as a multiply and a reduction): the same greedy tokens (float32)."""
+    model = _model("auto")
+    prompt = jax.random.randint(jax.random.key(4), (1, 100), 0, 32000)
+    one, two = (
+        np.asarray(generate(model, prompt, max_new_tokens=48, min_decode_rows=n)) for n in (1, 2)
+    )
+    np.testing.assert_array_equal(two, one)
+
+
+@pytest.mark.parametrize("block_v", [None, 32], ids=["whole_heads", "block_v32"])
+def test_fused_step_in_bfloat16_and_its_kernel_on_gpu(block_v):
     """One layer, bf16 weights and compute, 16 steps: both paths round the same intermediates to
     bf16, so they agree to a few bf16 ulps (2**-8 ≈ 4e-3) where the kernel's float32 sums round
-    differently from XLA's; 2e-2 is far below a wrong gate or layout (errors near 1)."""
+    differently from XLA's; 2e-2 is far below a wrong gate or layout (errors near 1). With
+    block_v = 32 each head's state spans four programs and the norm follows in XLA."""
     # A fresh Rngs(0) per layer: one shared Rngs would give the two layers different weights.
     kw = dict(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
-    fused, unfused = (
-        GatedDeltaRule2(2304, 16, 128, decode=m, rngs=nnx.Rngs(0), **kw)
-        for m in ("fused", "unfused")
+    fused = GatedDeltaRule2(
+        2304, 16, 128, decode="fused", decode_block_v=block_v, rngs=nnx.Rngs(0), **kw
     )
+    unfused = GatedDeltaRule2(2304, 16, 128, decode="unfused", rngs=nnx.Rngs(0), **kw)
     x = jax.random.normal(jax.random.key(2), (8, 2304), jnp.bfloat16)
     cache = fused.init_cache(8)
     assert kernel_names(lambda x: fused.step(x, cache), x) == {FUSED: 1}

@@ -4,6 +4,7 @@ Parameter names and shapes mirror the PyTorch `GatedDeltaNet2` of fla and NVIDIA
 transposes of `nn.Linear` weights), so a checkpoint converts one-to-one.
 """
 
+import dataclasses
 import functools
 import math
 from typing import NamedTuple
@@ -115,7 +116,8 @@ class GatedDeltaRule2(nnx.Module):
     `decode` the decoding `step`'s: "fused" (everything between the projection matmuls in one
     Pallas kernel, `pallas_kernels.decode`), "unfused" (XLA ops around the token-serial op) or
     "auto" (the default: fused where it can run, else unfused; `fused_decode_unsupported` says
-    why not);
+    why not); `decode_block_v` the V columns of the state per program of the fused step (None:
+    `pallas_kernels.DEFAULT_DECODE_CONFIG`'s);
     `interpret=True` runs Pallas kernels in interpret mode (tests off a GPU).
     """
 
@@ -136,6 +138,7 @@ class GatedDeltaRule2(nnx.Module):
         backend: str = "auto",
         recurrent_backend: str = "auto",
         decode: str = "auto",
+        decode_block_v: int | None = None,
         chunk_size: int = 64,
         interpret: bool = False,
         dtype=None,
@@ -153,6 +156,13 @@ class GatedDeltaRule2(nnx.Module):
         self.key_dim, self.value_dim = num_heads * head_dim, num_v_heads * self.head_v_dim
         self.allow_neg_eigval, self.mode, self.gate_mode = allow_neg_eigval, mode, gate_mode
         self.backend, self.recurrent_backend, self.decode = backend, recurrent_backend, decode
+        if decode_block_v is not None and (
+            decode_block_v < 16 or decode_block_v & (decode_block_v - 1)
+        ):
+            raise ValueError(
+                f"decode_block_v must be None or a power of two >= 16, got {decode_block_v}"
+            )
+        self.decode_block_v = decode_block_v
         self.output_gate = output_gate
         self.chunk_size, self.interpret, self.dtype = chunk_size, interpret, dtype
         self.deterministic = False
@@ -369,7 +379,14 @@ class GatedDeltaRule2(nnx.Module):
             unsupported = core.pallas_kernel("pallas_kernels", "decode_unsupported")
         except NotImplementedError as err:
             return str(err)
-        return unsupported(self.head_dim, self.head_v_dim, (jnp.dtype(dtype),))
+        dims = (self.head_dim, self.head_v_dim)
+        return unsupported(*dims, (jnp.dtype(dtype),), cfg=self._decode_config())
+
+    def _decode_config(self):
+        default = core.pallas_kernel("pallas_kernels", "DEFAULT_DECODE_CONFIG")
+        if self.decode_block_v is None:
+            return default
+        return dataclasses.replace(default, block_v=self.decode_block_v)
 
     def _decode_path(self, dtype) -> str:
         if self.decode == "unfused":
@@ -418,6 +435,6 @@ class GatedDeltaRule2(nnx.Module):
             (cache.conv_q, cache.conv_k, cache.conv_v),
             tuple(c.weight[...] for c in convs),
             self.A_log[...], self.dt_bias[...], self.o_norm.weight[...], cache.S,
-            shape=shape, interpret=self.interpret,
+            shape=shape, cfg=self._decode_config(), interpret=self.interpret,
         )  # fmt: skip
         return self.o_proj(o), GDN2Cache(cq, ck, cv, S)
