@@ -2,12 +2,14 @@
 
     ncu --clock-control none --profile-from-start off --section SpeedOfLight \
         --section Occupancy --section LaunchStats --section ComputeWorkloadAnalysis \
+        --section SchedulerStats --section WarpStateStats --section MemoryWorkloadAnalysis \
         --csv --page details python3 benchmarks/profile_kernels.py --shape 4x4096 > ncu.csv
     python3 benchmarks/profile_kernels.py --summarize ncu.csv
 
 Compilation and fla's autotuning run before the profiled range (`cudaProfilerStart`), so ncu
 sees exactly one forward+backward of each implementation. `--summarize` turns ncu's CSV into one
-row per kernel: duration, DRAM bandwidth, SM and tensor-pipe use, occupancy, registers.
+row per kernel: duration, DRAM bandwidth, SM use, occupancy, issue-slot use and cycles per
+issued instruction (a latency-bound launch issues rarely), cache hit rates, registers.
 """
 
 import argparse
@@ -24,6 +26,10 @@ COLUMNS = {
     "Memory Throughput": "mem %",
     "Compute (SM) Throughput": "sm %",
     "Achieved Occupancy": "occ %",
+    "Issue Slots Busy": "issue %",
+    "Warp Cycles Per Issued Instruction": "cyc/issue",
+    "L1/TEX Hit Rate": "L1 hit %",
+    "L2 Hit Rate": "L2 hit %",
     "Registers Per Thread": "regs",
     "Grid Size": "grid",
     "Block Size": "block",

@@ -15,7 +15,8 @@ best=structure=split_prep,diag_inverse=doubling
 python3 -m pytest -q -m gpu tests/test_pallas_gpu.py -p no:cacheprovider \
   -k "production_heads" 2>&1 | tee "$out/tests.log" || status=1
 ncu --clock-control none --profile-from-start off --section SpeedOfLight --section Occupancy \
-  --section LaunchStats --section ComputeWorkloadAnalysis --csv --page details \
+  --section LaunchStats --section ComputeWorkloadAnalysis --section SchedulerStats \
+  --section WarpStateStats --section MemoryWorkloadAnalysis --csv --page details \
   python3 benchmarks/profile_kernels.py --shape 4x4096 --config "$best" > "$out/ncu.csv" \
   2> "$out/ncu.log" || status=1
 python3 benchmarks/profile_kernels.py --summarize "$out/ncu.csv" | tee "$out/ncu_summary.md" \
