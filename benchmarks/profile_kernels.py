@@ -36,12 +36,11 @@ COLUMNS = {
 }
 
 
-def profiled_run(shape: str, config: str):
+def profiled_run(shape: str, config: str, with_fla: bool = True):
     import jax
     import jax.numpy as jnp
     import torch
     from bench_ops import Case, config_forward, make_arrays, op_forward, parse_config
-    from fla.ops.gdn2 import chunk_gdn2
 
     case = Case(*map(int, shape.split("x")))
     arrays = make_arrays(case)
@@ -52,6 +51,21 @@ def profiled_run(shape: str, config: str):
         return jnp.sum(fwd(*a).astype(jnp.float32))
 
     grad = jax.jit(jax.grad(loss, argnums=tuple(range(6))))
+    fla_step = _fla_step(arrays) if with_fla else (lambda: None)
+    for _ in range(3):  # compile, autotune, warm caches
+        jax.block_until_ready(grad(*args))
+        fla_step()
+    torch.cuda.profiler.start()
+    jax.block_until_ready(grad(*args))
+    fla_step()
+    torch.cuda.profiler.stop()
+
+
+def _fla_step(arrays):
+    """One forward+backward of fla's chunk_gdn2 on the same inputs, synchronized."""
+    import torch
+    from fla.ops.gdn2 import chunk_gdn2
+
     tensors = [
         torch.tensor(arrays[n], device="cuda", dtype=torch.float32 if n == "g" else torch.bfloat16)
         for n in "qkvgbw"
@@ -63,13 +77,7 @@ def profiled_run(shape: str, config: str):
         o.float().sum().backward()
         torch.cuda.synchronize()
 
-    for _ in range(3):  # compile, autotune, warm caches
-        jax.block_until_ready(grad(*args))
-        fla_step()
-    torch.cuda.profiler.start()
-    jax.block_until_ready(grad(*args))
-    fla_step()
-    torch.cuda.profiler.stop()
+    return fla_step
 
 
 def _number(text: str) -> float:
@@ -107,12 +115,13 @@ def main():
         default="",
         help="ChunkConfig choices for the Pallas core, e.g. structure=split_prep (default: the op)",
     )
+    parser.add_argument("--no-fla", action="store_true", help="profile the Pallas kernels only")
     parser.add_argument("--summarize", metavar="CSV", help="print ncu's CSV as a table instead")
     args = parser.parse_args()
     if args.summarize:
         print(summarize(args.summarize))
     else:
-        profiled_run(args.shape, args.config)
+        profiled_run(args.shape, args.config, with_fla=not args.no_fla)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,12 @@ DIAG_STORES = ("tile", "columns")
 # sub-block's 16 rows of k and G and forms its row of both blocks with one [16, K] exp, no loop
 # (16 times the programs; `diag_store` does not apply).
 DIAG_GRIDS = ("block", "token")
+# How a block-grid program forms its diagonal 16x16 blocks: "loop" factors the lower-left 8x8
+# quadrant through the block's midpoint and walks the two diagonal quadrants column by column
+# (8 dependent steps of [16, K] exps and reductions); "levels" factors the lower-left quadrant of
+# every 16-, 8-, 4- and 2-row block through its own midpoint, one masked [16, K] x [K, 16]
+# matmul per level and output, no loop (the exps are as many; `diag_store` does not apply).
+DIAG_BLOCKS = ("loop", "levels")
 # How the split solve inverts T's diagonal 16x16 blocks: "substitution" row by row on the CUDA
 # cores, "doubling" as four levels of two [16, 16] matmuls (exact, on the tensor cores where the
 # solve precision allows).
@@ -119,6 +125,7 @@ class ChunkConfig:
     diag: Launch = Launch(num_warps=2, num_stages=1)  # the forward's diagonal 16x16 blocks
     diag_store: str = "tile"  # DIAG_STORES
     diag_grid: str = "block"  # DIAG_GRIDS
+    diag_blocks: str = "loop"  # DIAG_BLOCKS (block grid)
     state_block_v: int = 64  # V columns of the carried state per program (forward state pass)
     state: Launch = Launch(num_warps=4, num_stages=2)
     dstate_block_v: int = 64  # V columns of the carried state gradient (reverse state pass)
@@ -160,6 +167,7 @@ class ChunkConfig:
             ("solve", SOLVE_CHOICES),
             ("diag_store", DIAG_STORES),
             ("diag_grid", DIAG_GRIDS),
+            ("diag_blocks", DIAG_BLOCKS),
             ("diag_inverse", DIAG_INVERSES),
             ("structure", STRUCTURES),
         ):
