@@ -13,7 +13,7 @@ compiled decode loop over the other new tokens, divided by their number), `gener
 (`Generator.generate` end to end) and `overhead ms` = generate − prefill − (N − 1) · decode;
 `generate() ms` is the module-level `generate`, which splits the model's graph on every call.
 Times are medians of `--repeats` after a compile and a warm-up call; `min` is the generator's
-`min_decode_rows` (`--min-decode-rows`). A variant is a
+`min_decode_rows` (`--min-decode-rows`), `mrg` its `merge_dots` (`--merge-dots`). A variant is a
 comma-separated list of `ModelConfig` overrides ("" for the defaults).
 
 The per-layer table times one token of one GDN-2 layer of the preset's shapes at each batch:
@@ -25,6 +25,7 @@ events. On a CPU it runs the tiny preset at batch 2 without fla, so CI can execu
 
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import statistics
@@ -38,7 +39,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gdn2_jax.config import apply_overrides
-from gdn2_jax.generate import PREFILL_TOKENS, Generator, generate
+from gdn2_jax.generate import MIN_DECODE_ROWS, PREFILL_TOKENS, Generator, generate
 from gdn2_jax.layers import GatedDeltaRule2
 from gdn2_jax.model import CausalLM
 from gdn2_jax.model_config import ModelConfig
@@ -51,6 +52,7 @@ class Row:
     variant: str
     batch: int
     min_decode_rows: int
+    merge_dots: bool
     prompt_len: int
     new_tokens: int
     prefill_rows: int
@@ -88,8 +90,12 @@ def parse_args(argv=None):
         help="Generator(prefill_tokens=...): prompt tokens prefilled at once; 0 for all rows",
     )  # fmt: skip
     parser.add_argument(
-        "--min-decode-rows", nargs="+", type=int, default=[1],
+        "--min-decode-rows", nargs="+", type=int, default=[MIN_DECODE_ROWS],
         help="Generator(min_decode_rows=...) values, each a row per variant and batch",
+    )  # fmt: skip
+    parser.add_argument(
+        "--merge-dots", nargs="+", choices=("off", "on"), default=["off"],
+        help="Generator(merge_dots=...) settings, each a row per variant and batch",
     )  # fmt: skip
     parser.add_argument(
         "--decode-block-v", nargs="+", type=int, default=[],
@@ -126,13 +132,16 @@ def _median_s(fn, repeats: int) -> float:
 
 
 def time_generate(
-    cfg: ModelConfig, batch: int, args, preset: str, variant: str, min_rows: int
+    cfg: ModelConfig, batch: int, args, preset: str, variant: str, min_rows: int, merge: bool
 ) -> Row:
     start = time.perf_counter()
     model = CausalLM(cfg, rngs=nnx.Rngs(0))
     prompt = jax.random.randint(jax.random.key(1), (batch, args.prompt_len), 0, cfg.vocab_size)
     N = args.new_tokens
-    gen = Generator(model, prefill_tokens=args.prefill_tokens or None, min_decode_rows=min_rows)
+    gen = Generator(
+        model, prefill_tokens=args.prefill_tokens or None, min_decode_rows=min_rows,
+        merge_dots=merge,
+    )  # fmt: skip
     # The Generator's own compiled pieces, called as `Generator.generate` calls them.
     lengths = jnp.full((batch,), args.prompt_len, jnp.int32)
     eos, pad = jnp.full((batch,), -1, jnp.int32), jnp.asarray(0, jnp.int32)
@@ -158,7 +167,7 @@ def time_generate(
     def whole_fn():
         return generate(
             model, prompt, max_new_tokens=N, prefill_tokens=gen.prefill_tokens,
-            min_decode_rows=min_rows,
+            min_decode_rows=min_rows, merge_dots=merge,
         )  # fmt: skip
 
     for fn in (decode, whole, whole_fn):
@@ -173,6 +182,7 @@ def time_generate(
         variant=variant or "defaults",
         batch=batch,
         min_decode_rows=min_rows,
+        merge_dots=merge,
         prompt_len=args.prompt_len,
         new_tokens=N,
         prefill_rows=gen.rows(prompt),
@@ -270,7 +280,8 @@ def time_layers(cfg: ModelConfig, args) -> list[LayerRow]:
 def print_header() -> None:
     print(f"{jax.devices()[0].device_kind}, {jax.default_backend()}")
     print(
-        f"{'preset':12s} {'variant':24s} {'B':>3s} {'min':>3s} {'prompt':>6s} {'new':>4s} "
+        f"{'preset':12s} {'variant':24s} {'B':>3s} {'min':>3s} {'mrg':>3s} {'prompt':>6s} "
+        f"{'new':>4s} "
         f"{'rows':>4s} "
         f"{'prefill ms':>10s} "
         f"{'decode ms/tok':>13s} {'generate ms':>11s} {'overhead ms':>11s} "
@@ -281,8 +292,9 @@ def print_header() -> None:
 
 def print_row(r: Row) -> None:
     print(
-        f"{r.preset:12s} {r.variant:24s} {r.batch:3d} {r.min_decode_rows:3d} {r.prompt_len:6d} "
-        f"{r.new_tokens:4d} {r.prefill_rows:4d} {r.prefill_ms:10.2f} {r.decode_ms_per_token:13.3f} "
+        f"{r.preset:12s} {r.variant:24s} {r.batch:3d} {r.min_decode_rows:3d} "
+        f"{'on' if r.merge_dots else 'off':>3s} {r.prompt_len:6d} {r.new_tokens:4d} "
+        f"{r.prefill_rows:4d} {r.prefill_ms:10.2f} {r.decode_ms_per_token:13.3f} "
         f"{r.generate_ms:11.1f} {r.overhead_ms:11.2f} {r.generate_fn_ms:13.1f} "
         f"{r.decode_tokens_per_s:12.0f} {r.tokens_per_s:9.0f}",
         flush=True,
@@ -321,8 +333,10 @@ def main(argv=None):
         for variant in args.variants:
             cfg = model_config(preset, args.dtype, variant)
             for b in args.batches:
-                for min_rows in args.min_decode_rows:
-                    rows.append(time_generate(cfg, b, args, preset, variant, min_rows))
+                for min_rows, merge in itertools.product(args.min_decode_rows, args.merge_dots):
+                    rows.append(
+                        time_generate(cfg, b, args, preset, variant, min_rows, merge == "on")
+                    )
                     print_row(rows[-1])
                     write_json(args.json, rows, [])
     layer_rows = []

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from bench_generate import model_config
 from flax import nnx
 
-from gdn2_jax.generate import Generator
+from gdn2_jax.generate import MIN_DECODE_ROWS, Generator
 from gdn2_jax.model import CausalLM
 
 
@@ -49,8 +49,12 @@ def parse_args(argv=None):
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=16, help="decoding steps profiled")
     parser.add_argument(
-        "--min-decode-rows", type=int, default=1, help="Generator(min_decode_rows=...)"
+        "--min-decode-rows",
+        type=int,
+        default=MIN_DECODE_ROWS,
+        help="Generator(min_decode_rows=...)",
     )
+    parser.add_argument("--merge-dots", action="store_true", help="Generator(merge_dots=True)")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--top", type=int, default=25, help="rows of the grouped table")
     parser.add_argument("--json", help="also write the summary to this file")
@@ -119,7 +123,8 @@ def summarize(events: list[Launch], steps: int, top: int) -> dict:
 
 def profile(args) -> dict:
     cfg = model_config(args.preset, args.dtype, args.variant)
-    gen = Generator(CausalLM(cfg, rngs=nnx.Rngs(0)), min_decode_rows=args.min_decode_rows)
+    model = CausalLM(cfg, rngs=nnx.Rngs(0))
+    gen = Generator(model, min_decode_rows=args.min_decode_rows, merge_dots=args.merge_dots)
     B, T = args.batch, args.prompt_len
     prompt = jax.random.randint(jax.random.key(1), (B, T), 0, cfg.vocab_size)
     lengths, eos = jnp.full((B,), T, jnp.int32), jnp.full((B,), -1, jnp.int32)

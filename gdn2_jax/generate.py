@@ -73,6 +73,9 @@ NO_EOS = -1  # an id no sampler emits: the row never stops early
 # Prompt tokens prefilled at once by default: a 1.3B model's prefill holds about 0.7 MB of
 # activations per token in flight (batch 64 of 2048 tokens asked for 84 GiB on one GPU).
 PREFILL_TOKENS = 32768
+# Rows a decoding step runs at least (see `Generator`): one row takes XLA's multiply-and-reduce
+# rewrite of its matmuls.
+MIN_DECODE_ROWS = 2
 
 
 def prefill_rows(B: int, T: int, prefill_tokens: int | None) -> int:
@@ -175,18 +178,30 @@ def _stream_decode(graphdef, state, carry, keys, eos, pad, *, sampling, min_rows
     return _decode(model, carry, keys, eos, pad, sampling=sampling, min_rows=min_rows)
 
 
+# XLA's DotMerger turns matmuls that share an input (a layer's q, k, v, gate projections) into
+# one matmul against the concatenation of their weights. Inside the decoding loop it re-copies
+# those weights every step (profile of a 1.3B step at batch 1: 614 of 2470 us in concatenations,
+# 129 in the slices of the merged product; benchmarks/RESULTS.md), so the decoding programs
+# compile without it unless `merge_dots`.
+NO_DOT_MERGER = {"xla_gpu_dot_merger_threshold_mb": 0}
+
+
 @functools.lru_cache(maxsize=8)
-def _programs(graphdef):
+def _programs(graphdef, merge_dots: bool = False):
     """The jitted programs of one model structure, shared by every `Generator` of it (so that
     `generate`, which builds one per call, hashes the graph once and compiles once per shape)."""
     run = functools.partial(_generate, graphdef)
     start = functools.partial(_stream_start, graphdef)
     decode = functools.partial(_stream_decode, graphdef)
+    options = None if merge_dots else NO_DOT_MERGER
     return (
-        jax.jit(run, static_argnames=("max_new_tokens", "sampling", "rows", "min_rows")),
+        jax.jit(
+            run, static_argnames=("max_new_tokens", "sampling", "rows", "min_rows"),
+            compiler_options=options,
+        ),
         jax.jit(start, static_argnames=("max_len", "sampling", "rows")),
-        jax.jit(decode, static_argnames=("sampling", "min_rows")),
-    )
+        jax.jit(decode, static_argnames=("sampling", "min_rows"), compiler_options=options),
+    )  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,7 +274,9 @@ class Generator:
     the same tokens as all at once; None prefills every row together. `min_decode_rows` pads
     a smaller batch's decoding step with copies of its last row: XLA turns a one-row matmul
     into a multiply and a reduction, and a second row keeps the projections matrix products
-    (benchmarks/RESULTS.md); the padding rows' tokens are dropped.
+    (on an H100, 2.38 against 3.51 ms a token for the 1.3B model; benchmarks/RESULTS.md); the
+    padding rows' tokens are dropped. `merge_dots` lets XLA merge matmuls that share an input
+    in the decoding programs (`NO_DOT_MERGER`).
     """
 
     def __init__(
@@ -269,7 +286,8 @@ class Generator:
         sampling: SamplingConfig = GREEDY,
         pad_id: int = 0,
         prefill_tokens: int | None = PREFILL_TOKENS,
-        min_decode_rows: int = 1,
+        min_decode_rows: int = MIN_DECODE_ROWS,
+        merge_dots: bool = False,
     ):
         if not isinstance(min_decode_rows, int | np.integer) or min_decode_rows < 1:
             raise ValueError(f"min_decode_rows must be an int >= 1, got {min_decode_rows!r}")
@@ -285,7 +303,7 @@ class Generator:
         graphdef, self.state = nnx.split(model)
         # The jitted pieces over (state, ...): whole generation, prefill + first sample, decode
         # steps; `benchmarks/bench_generate.py` times them apart.
-        self.generate_fn, self.prefill_fn, self.decode_fn = _programs(graphdef)
+        self.generate_fn, self.prefill_fn, self.decode_fn = _programs(graphdef, bool(merge_dots))
 
     def generate(self, prompt, *, max_new_tokens: int, rng=None, eos_id=None, prompt_lengths=None):
         """prompt [B, T] int32 -> [B, T + max_new_tokens] int32; see `generate`."""
@@ -343,7 +361,8 @@ def generate(
     prompt_lengths=None,
     pad_id: int = 0,
     prefill_tokens: int | None = PREFILL_TOKENS,
-    min_decode_rows: int = 1,
+    min_decode_rows: int = MIN_DECODE_ROWS,
+    merge_dots: bool = False,
 ):
     """prompt [B, T] int32 -> [B, T + max_new_tokens] int32.
 
@@ -352,12 +371,13 @@ def generate(
     tokens, then `pad_id` to the common width. `eos_id` (an int, or [B] ints: a stop token per
     row) ends a row: it keeps the eos and holds `pad_id` after it. Greedy rows equal separate
     `generate` calls of each row alone. `prefill_tokens` bounds the prompt tokens prefilled at
-    once and `min_decode_rows` pads a smaller batch's decoding step (see `Generator`). For
-    repeated calls or streaming use a `Generator`.
+    once, `min_decode_rows` pads a smaller batch's decoding step and `merge_dots` lets XLA merge
+    matmuls that share an input (see `Generator`). For repeated calls or streaming use a
+    `Generator`.
     """
     generator = Generator(
         model, sampling=sampling, pad_id=pad_id, prefill_tokens=prefill_tokens,
-        min_decode_rows=min_decode_rows,
+        min_decode_rows=min_decode_rows, merge_dots=merge_dots,
     )  # fmt: skip
     return generator.generate(
         prompt, max_new_tokens=max_new_tokens, rng=rng, eos_id=eos_id,

@@ -187,7 +187,10 @@ class DecodeConfig:
     with smaller tiles the norm over V, which spans programs, follows as one XLA fusion.
     `launch` None takes one warp per 2048 state elements (64 a thread), 1 to 8 warps."""
 
-    block_v: int = 128
+    # 32: a 1.3B layer step (H = 16, K = V = 128) takes 13.3 against 19.6 us with whole heads
+    # at batch 1 and 81.9 against 118.1 at batch 64 on an H100 (benchmarks/RESULTS.md); 16 and
+    # 64 win one batch each by ~1 us and lose the other.
+    block_v: int = 32
     launch: Launch | None = None
 
     def __post_init__(self):

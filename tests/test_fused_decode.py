@@ -92,8 +92,12 @@ def test_fused_step_in_v_tiles_equals_unfused_step(K, block_v, programs):
 
 
 def test_fused_step_tile_limits_name_the_config():
-    whole = GatedDeltaRule2(64, 2, 256, decode="fused", interpret=True, rngs=nnx.Rngs(0))
+    whole = GatedDeltaRule2(
+        64, 2, 256, decode="fused", decode_block_v=128, interpret=True, rngs=nnx.Rngs(0)
+    )
     assert "block_v" in whole.fused_decode_unsupported(jnp.float32)
+    default = GatedDeltaRule2(64, 2, 256, decode="fused", interpret=True, rngs=nnx.Rngs(0))
+    assert default.fused_decode_unsupported(jnp.float32) is None
     with pytest.raises(ValueError, match="decode_block_v"):
         GatedDeltaRule2(64, 2, 32, decode_block_v=24, rngs=nnx.Rngs(0))
 

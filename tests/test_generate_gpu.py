@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 from testing import kernel_names, rel_err
 
-from gdn2_jax.generate import generate
+from gdn2_jax.generate import GREEDY, Generator, generate
 from gdn2_jax.layers import GatedDeltaRule2
 from gdn2_jax.model import CausalLM
 from gdn2_jax.model_config import ModelConfig
@@ -55,6 +55,26 @@ def test_one_row_decoded_as_two_gives_its_own_tokens_on_gpu():
         np.asarray(generate(model, prompt, max_new_tokens=48, min_decode_rows=n)) for n in (1, 2)
     )
     np.testing.assert_array_equal(two, one)
+
+
+def test_decoding_programs_compile_without_the_dot_merger_on_gpu():
+    """merge_dots=False: the compiled decoding program has none of the weight concatenations
+    XLA's DotMerger adds on a GPU (where it merges a layer's projections that share an input),
+    and the same greedy tokens as with it."""
+    model = _model("auto")  # float32: the two programs' products may round differently
+    prompt = jax.random.randint(jax.random.key(5), (1, 64), 0, 32000)
+    args = (prompt, jnp.full((1,), 64, jnp.int32), jnp.full((1,), -1, jnp.int32), jnp.int32(0))
+    counts, tokens = {}, {}
+    for merge in (False, True):
+        gen = Generator(model, merge_dots=merge)
+        compiled = gen.generate_fn.lower(
+            gen.state, *args, jax.random.key(0), max_new_tokens=8, sampling=GREEDY, rows=1,
+            min_rows=gen.min_decode_rows,
+        ).compile()  # fmt: skip
+        counts[merge] = compiled.as_text().count("concatenate(")
+        tokens[merge] = np.asarray(gen.generate(prompt, max_new_tokens=8))
+    assert counts[False] < counts[True], counts
+    np.testing.assert_array_equal(tokens[False], tokens[True])
 
 
 @pytest.mark.parametrize("block_v", [None, 32], ids=["whole_heads", "block_v32"])
