@@ -121,40 +121,51 @@ def _diag_scores(q_ref, k_ref, b_ref, G_ref, bi, h, bh, r0, *, K, scale, precisi
     return jax.lax.fori_loop(0, HALF, body, (a_d, t_d))
 
 
-def _level_midpoints(G_ref, bh, r0, level, K):
-    """[16, K]: row r holds G at the midpoint of its 2**level-row block (rows r0..r0 + 15)."""
-    s, r_k = 1 << level, iota((SUB, K), 0)
-    Gn = G_ref[bh, r0 + s // 2, :][None, :]
+def _level_midpoints(G_ref, bh, r0, level, ks):
+    """[16, |ks|]: row r holds G at the midpoint of its 2**level-row block (rows r0..r0 + 15)."""
+    s, r_k = 1 << level, iota((SUB, ks.size), 0)
+    Gn = G_ref[bh, r0 + s // 2, ks][None, :]
     for start in range(s, SUB, s):
-        Gn = jnp.where(r_k >= start, G_ref[bh, r0 + start + s // 2, :][None, :], Gn)
+        Gn = jnp.where(r_k >= start, G_ref[bh, r0 + start + s // 2, ks][None, :], Gn)
     return Gn
 
 
-def _diag_scores_levels(q_ref, k_ref, b_ref, G_ref, bi, h, bh, r0, *, K, scale, precision):
-    """A diagonal 16×16 block without a loop. At each level s = 16, 8, 4, 2 the lower-left
-    (s/2)-quadrant of every s-row block is a product factored through that block's midpoint n:
-    rows r >= n scaled by exp(G_r − G_n), columns j < n by exp(G_n − G_j), both exponents <= 0
-    (masked before the exp), so every entry is exact for any g <= 0. A level's quadrants are
-    one [16, K] x [K, 16] matmul masked to them; the diagonal (j = r, decay 1) is q_r · k_r."""
+def _diag_scores_levels(q_ref, k_ref, b_ref, G_ref, bi, h, bh, r0, *, K, bk, scale, precision):
+    """A diagonal 16×16 block without a column loop. At each level s = 16, 8, 4, 2 the
+    lower-left (s/2)-quadrant of every s-row block is a product factored through that block's
+    midpoint n: rows r >= n scaled by exp(G_r − G_n), columns j < n by exp(G_n − G_j), both
+    exponents <= 0 (masked before the exp), so every entry is exact for any g <= 0. A level's
+    quadrants are one [16, bk] x [bk, 16] matmul masked to them, summed over K slices of `bk`
+    (fewer live tiles: at bk = K the launch ran out of registers); the diagonal is q_r · k_r."""
     rows = pl.ds(r0, SUB)
-    q = q_ref[bi, rows, h, :].astype(F32) * scale
-    k = k_ref[bi, rows, h, :].astype(F32)
-    bk = b_ref[bi, rows, h, :].astype(F32) * k
-    G = G_ref[bh, rows, :]
-    r_k = iota((SUB, K), 0)
     r, c = iota((SUB, SUB), 0), iota((SUB, SUB), 1)
-    a_d = jnp.where(r == c, mm(q, k, precision, tb=True), 0.0)
-    t_d = jnp.zeros((SUB, SUB), F32)
+    quadrants = []
     for level in range(SUB.bit_length() - 1, 0, -1):
         s, half = 1 << level, 1 << (level - 1)
-        Gn = _level_midpoints(G_ref, bh, r0, level, K)
-        lower = (r_k & (s - 1)) >= half
-        to_n = jnp.exp(jnp.where(lower, G - Gn, -jnp.inf))
-        kf = k * jnp.exp(jnp.where(lower, -jnp.inf, Gn - G))
-        quadrant = ((r >> level) == (c >> level)) & ((r & (s - 1)) >= half) & ((c & (s - 1)) < half)
-        a_d = a_d + jnp.where(quadrant, mm(q * to_n, kf, precision, tb=True), 0.0)
-        t_d = t_d + jnp.where(quadrant, mm(bk * to_n, kf, precision, tb=True), 0.0)
-    return a_d, t_d
+        quadrants.append(
+            ((r >> level) == (c >> level)) & ((r & (s - 1)) >= half) & ((c & (s - 1)) < half)
+        )
+
+    def slice_body(kb, carry):
+        a_d, t_d = carry
+        ks = pl.ds(pl.multiple_of(kb * bk, bk), bk)
+        q = q_ref[bi, rows, h, ks].astype(F32) * scale
+        k = k_ref[bi, rows, h, ks].astype(F32)
+        bk_ = b_ref[bi, rows, h, ks].astype(F32) * k
+        G = G_ref[bh, rows, ks]
+        r_k = iota((SUB, bk), 0)
+        a_d = a_d + jnp.where(r == c, mm(q, k, precision, tb=True), 0.0)
+        for level, quadrant in zip(range(SUB.bit_length() - 1, 0, -1), quadrants, strict=True):
+            Gn = _level_midpoints(G_ref, bh, r0, level, ks)
+            lower = (r_k & ((1 << level) - 1)) >= (1 << (level - 1))
+            to_n = jnp.exp(jnp.where(lower, G - Gn, -jnp.inf))
+            kf = k * jnp.exp(jnp.where(lower, -jnp.inf, Gn - G))
+            a_d = a_d + jnp.where(quadrant, mm(q * to_n, kf, precision, tb=True), 0.0)
+            t_d = t_d + jnp.where(quadrant, mm(bk_ * to_n, kf, precision, tb=True), 0.0)
+        return a_d, t_d
+
+    zeros = jnp.zeros((SUB, SUB), F32)
+    return jax.lax.fori_loop(0, K // bk, slice_body, (zeros, zeros))
 
 
 def _invert_unit_lower(t):
@@ -252,11 +263,11 @@ def _aux(
     jax.lax.fori_loop(0, K // bk, k_body, 0)
 
 
-def _diag_levels_kernel(q_ref, k_ref, b_ref, G_ref, a_ref, t_ref, *, H, K, scale, precision):
+def _diag_levels_kernel(q_ref, k_ref, b_ref, G_ref, a_ref, t_ref, *, H, K, bk, scale, precision):
     s, bh = pl.program_id(0), pl.program_id(1)
     rows = pl.ds(s * SUB, SUB)
     a_ref[bh, rows, :], t_ref[bh, rows, :] = _diag_scores_levels(
-        q_ref, k_ref, b_ref, G_ref, bh // H, bh % H, bh, s * SUB, K=K, scale=scale,
+        q_ref, k_ref, b_ref, G_ref, bh // H, bh % H, bh, s * SUB, K=K, bk=bk, scale=scale,
         precision=precision,
     )  # fmt: skip
 
@@ -314,8 +325,10 @@ def chunk_diag(q, k, b, G, *, scale, cfg: ChunkConfig, num: Numerics):
         kernel = functools.partial(_diag_token_kernel, H=H, K=K, scale=scale)
         grid = (Tp, B * H)
     elif cfg.diag_blocks == "levels":
-        precision = num.score_precision
-        kernel = functools.partial(_diag_levels_kernel, H=H, K=K, scale=scale, precision=precision)
+        kernel = functools.partial(
+            _diag_levels_kernel, H=H, K=K, bk=min(cfg.diag_block_k, K), scale=scale,
+            precision=num.score_precision,
+        )  # fmt: skip
         grid = (Tp // SUB, B * H)
     else:
         kernel = functools.partial(

@@ -126,6 +126,9 @@ class ChunkConfig:
     diag_store: str = "tile"  # DIAG_STORES
     diag_grid: str = "block"  # DIAG_GRIDS
     diag_blocks: str = "loop"  # DIAG_BLOCKS (block grid)
+    # K slice of diag_blocks="levels": with whole K rows (128) its launch took 255 registers a
+    # thread, spilled, and ran at 12.5% occupancy on an H100 (benchmarks/RESULTS.md).
+    diag_block_k: int = 32
     state_block_v: int = 64  # V columns of the carried state per program (forward state pass)
     state: Launch = Launch(num_warps=4, num_stages=2)
     dstate_block_v: int = 64  # V columns of the carried state gradient (reverse state pass)
@@ -150,6 +153,7 @@ class ChunkConfig:
     # Which dimension each tile splits (aux_block slices both).
     TILED = (
         ("intra_block_k", "K"),
+        ("diag_block_k", "K"),
         ("state_block_v", "V"),
         ("dstate_block_v", "V"),
         ("wy_block_k", "K"),

@@ -206,21 +206,31 @@ def test_token_parallel_diagonal_launch_matches_xla_core(structure):
 def test_levels_diagonal_blocks_match_xla_core(structure):
     """diag_blocks="levels": every level's quadrants of the diagonal blocks as masked matmuls
     through their midpoints; extreme gates, packed sequences, both forward structures."""
-    cfg = dataclasses.replace(SMALL_TILES, structure=structure, diag_blocks="levels")
+    cfg = dataclasses.replace(
+        SMALL_TILES, structure=structure, diag_blocks="levels", diag_block_k=16
+    )
     shape = Shape(B=1, T=192, H=2, K=32, V=32)
     _assert_core_matches_xla_core(cfg, shape, seed=49, chunk_bounds=(0, 1, 1, 3))
 
 
-def test_levels_diagonal_launch_equals_the_column_loop():
-    """The diagonal launch's two outputs, levels against the column loop, at g down to −80 a
-    token (cumulated decays far below float32's range): the same blocks to float32 rounding."""
+@pytest.mark.parametrize("block_k", [16, 32], ids=["two_k_slices", "whole_k"])
+def test_levels_diagonal_launch_equals_the_column_loop(block_k):
+    """The diagonal launch's two outputs, levels (K in slices of `block_k`) against the column
+    loop, at g down to −80 a token (cumulated decays far below float32's range): the same
+    blocks to float32 rounding."""
     x = make_inputs(50, Shape(B=1, T=64, H=2, K=32, V=32), extreme=True)
     q, k, b = (jnp.asarray(x[n]) for n in "qkb")
     G = jnp.cumsum(jnp.asarray(x["g"]), axis=1).transpose(0, 2, 1, 3).reshape(2, 64, 32)
     num = numerics_for(jnp.float32, True)
     blocks = [
         chunk_diag(
-            q, k, b, G, scale=0.3, cfg=dataclasses.replace(SMALL_TILES, diag_blocks=m), num=num
+            q,
+            k,
+            b,
+            G,
+            scale=0.3,
+            cfg=dataclasses.replace(SMALL_TILES, diag_blocks=m, diag_block_k=block_k),
+            num=num,
         )
         for m in ("loop", "levels")
     ]
