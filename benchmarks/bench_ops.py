@@ -11,8 +11,9 @@ Prints medians (ms) of forward and forward+backward and each row's ratio to the 
 compiled program's arguments + outputs + temporaries; torch: max_memory_allocated, inputs
 included) and, with fla, each backend's forward error against fla's output on the same inputs.
 Absolute CPU times mean little; ratios do. `--configs` adds a row "pallas[<overrides>]" per
-comma-separated list of `ChunkConfig` choices (its string fields: structure, solve, diag_store,
-diag_grid, diag_inverse): the Pallas chunk core (what backend="pallas" runs, on these dense
+comma-separated list of `ChunkConfig` fields (its string choices such as structure or
+diag_blocks, its int tiles such as diag_block_k, its launches as warps:stages, e.g. diag=4:1):
+the Pallas chunk core (what backend="pallas" runs, on these dense
 shapes with no padding) under the dtype's tuned config with those fields replaced, so kernel
 structures and variants are timed side by side with fla.
 """
@@ -33,7 +34,7 @@ import numpy as np
 
 from gdn2_jax.ops import gated_delta_rule2
 from gdn2_jax.ops.layout import dense_segments
-from pallas_kernels import ChunkConfig, default_chunk_config, pallas_chunk_core
+from pallas_kernels import ChunkConfig, Launch, default_chunk_config, pallas_chunk_core
 from pallas_kernels.config import CHUNK
 
 
@@ -95,16 +96,27 @@ def op_forward(backend):
     return fwd
 
 
-def parse_config(overrides: str) -> dict[str, str]:
-    """ "structure=split,diag_grid=token" -> the ChunkConfig string fields it replaces."""
-    choices = {f.name for f in dataclasses.fields(ChunkConfig) if f.type is str}
+def _parse_field(field: dataclasses.Field, value: str):
+    if field.type is Launch:  # "warps:stages"
+        warps, _, stages = value.partition(":")
+        return Launch(int(warps), int(stages or 1))
+    return int(value) if field.type is int else value
+
+
+def parse_config(overrides: str) -> dict:
+    """ "structure=split,diag_block_k=32,diag=4:1" -> the ChunkConfig fields it replaces
+    (strings, ints, and launches as warps:stages)."""
+    fields = {f.name: f for f in dataclasses.fields(ChunkConfig) if f.type in (str, int, Launch)}
     out = {}
     for item in filter(None, (x.strip() for x in overrides.split(","))):
         name, sep, value = item.partition("=")
-        if not sep or name not in choices:
-            fields = ", ".join(sorted(choices))
-            raise ValueError(f"--configs: {item!r} is not FIELD=VALUE with FIELD one of {fields}")
-        out[name] = value
+        if not sep or name not in fields:
+            names = ", ".join(sorted(fields))
+            raise ValueError(f"--configs: {item!r} is not FIELD=VALUE with FIELD one of {names}")
+        try:
+            out[name] = _parse_field(fields[name], value)
+        except ValueError as err:
+            raise ValueError(f"--configs: {item!r}: {err}") from err
     return out
 
 

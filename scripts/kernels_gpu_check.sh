@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# One GPU call for the chunk kernels (about 8 minutes with fla's autotuning cold): the GPU tests
-# of the production heads (K = 256 included, where the reverse state pass now runs one stage)
-# under the default and the split forward; Nsight Compute's counters for one forward+backward of
-# the best measured config and of fla's kernels (per-launch time, DRAM bandwidth, SM use); and
-# the op side by side with fla at the three benchmark shapes under the default and that config.
+# One GPU call for the chunk kernels (about 9 minutes, each part under its own timeout): the
+# production-head GPU tests; Nsight Compute's counters for the forward diagonal launch under the
+# column loop and the K-sliced `levels` variants (register use, occupancy, spills: the bound the
+# 2026-12-07 profile named), then for one forward+backward of our best config without fla
+# (fla's autotuning under ncu did not fit a call); and the op beside fla at the three shapes.
 # Run from the repository root: bash scripts/kernels_gpu_check.sh [OUT_DIR]
 # Each part runs even when an earlier one fails; the exit status is non-zero if any failed.
 set -uo pipefail
@@ -12,15 +12,25 @@ out="${1:-${OUT:-/tmp}}"
 export PYTHONPATH="$PWD:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}"
 status=0
 best=structure=split_prep,diag_inverse=doubling
-python3 -m pytest -q -m gpu tests/test_pallas_gpu.py -p no:cacheprovider \
-  -k "production_heads" 2>&1 | tee "$out/tests.log" || status=1
-ncu --clock-control none --profile-from-start off --section SpeedOfLight --section Occupancy \
-  --section LaunchStats --section ComputeWorkloadAnalysis --section SchedulerStats \
-  --section WarpStateStats --section MemoryWorkloadAnalysis --csv --page details \
-  python3 benchmarks/profile_kernels.py --shape 4x4096 --config "$best" > "$out/ncu.csv" \
-  2> "$out/ncu.log" || status=1
-python3 benchmarks/profile_kernels.py --summarize "$out/ncu.csv" | tee "$out/ncu_summary.md" \
-  || status=1
-python3 benchmarks/bench_ops.py --backends pallas --configs "$best" 2>&1 \
-  | tee "$out/bench_ops.log" || status=1
+levels=$best,diag_blocks=levels,diag_block_k=32
+sections=(--section SpeedOfLight --section Occupancy --section LaunchStats
+  --section SchedulerStats --section WarpStateStats --section MemoryWorkloadAnalysis)
+timeout 240 python3 -m pytest -q -m gpu tests/test_pallas_gpu.py -p no:cacheprovider \
+  -k "production_heads" > "$out/tests.log" 2>&1 || status=1
+tail -3 "$out/tests.log"
+profile() {  # name, seconds, then ncu's own options and the profiled command
+  local name=$1 limit=$2
+  shift 2
+  timeout "$limit" ncu --clock-control none --profile-from-start off "${sections[@]}" --csv \
+    --page details "$@" > "$out/ncu_$name.csv" 2> "$out/ncu_$name.log" || status=1
+  python3 benchmarks/profile_kernels.py --summarize "$out/ncu_$name.csv" | tee "$out/ncu_$name.md"
+}
+diag=(--kernel-name regex:chunk_fwd_diag python3 benchmarks/profile_kernels.py --no-fla)
+profile diag_loop 60 "${diag[@]}" --config "$best"
+profile diag_levels 60 "${diag[@]}" --config "$levels"
+profile diag_levels_4w 60 "${diag[@]}" --config "$levels,diag=4:1"
+profile ours 150 python3 benchmarks/profile_kernels.py --no-fla --config "$best"
+timeout 200 python3 benchmarks/bench_ops.py --backends pallas --iters 10 \
+  --configs "$best" "$levels" "$levels,diag=4:1" > "$out/bench_ops.log" 2>&1 || status=1
+grep -v -i warn "$out/bench_ops.log" | tail -20
 exit $status
