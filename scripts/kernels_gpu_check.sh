@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # One GPU call for the chunk kernels (about 9 minutes, each part under its own timeout): the
 # production-head GPU tests; Nsight Compute's counters for the forward diagonal launch under the
-# column loop and the K-sliced `levels` variants (register use, occupancy, spills: the bound the
+# column loop and the K-sliced `levels` variant (register use, occupancy, spills: the bound the
 # 2026-12-07 profile named), then for one forward+backward of our best config without fla
-# (fla's autotuning under ncu did not fit a call); and the op beside fla at the three shapes.
+# (fla's autotuning under ncu did not fit a call); and the op beside fla at two shapes under
+# the configs whose launches `benchmarks/kernel_resources.py` (no GPU needed) compiles to fewer
+# registers: `lean` = the levels diagonal at K slices of 16 on 4 warps (96 registers, 31% of
+# an SM's warps, against 255 and 12.5%), `leaner` also the solve's 16-wide K slices (32 bytes of
+# spills against 648) and the backward's diagonal and intra launches at 164 and 196 registers.
 # Run from the repository root: bash scripts/kernels_gpu_check.sh [OUT_DIR]
 # Each part runs even when an earlier one fails; the exit status is non-zero if any failed.
 set -uo pipefail
@@ -12,7 +16,8 @@ out="${1:-${OUT:-/tmp}}"
 export PYTHONPATH="$PWD:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}"
 status=0
 best=structure=split_prep,diag_inverse=doubling
-levels=$best,diag_blocks=levels,diag_block_k=32
+lean=$best,diag_blocks=levels,diag_block_k=16,diag=4:1
+leaner=$lean,intra_block_k=16,intra_bwd_diag=4:1,intra_bwd_block_k=32
 sections=(--section SpeedOfLight --section Occupancy --section LaunchStats
   --section SchedulerStats --section WarpStateStats --section MemoryWorkloadAnalysis)
 timeout 240 python3 -m pytest -q -m gpu tests/test_pallas_gpu.py -p no:cacheprovider \
@@ -27,10 +32,9 @@ profile() {  # name, seconds, then ncu's own options and the profiled command
 }
 diag=(--kernel-name regex:chunk_fwd_diag python3 benchmarks/profile_kernels.py --no-fla)
 profile diag_loop 60 "${diag[@]}" --config "$best"
-profile diag_levels 60 "${diag[@]}" --config "$levels"
-profile diag_levels_4w 60 "${diag[@]}" --config "$levels,diag=4:1"
+profile diag_lean 60 "${diag[@]}" --config "$lean"
 profile ours 150 python3 benchmarks/profile_kernels.py --no-fla --config "$best"
-timeout 200 python3 benchmarks/bench_ops.py --backends pallas --iters 10 \
-  --configs "$best" "$levels" "$levels,diag=4:1" > "$out/bench_ops.log" 2>&1 || status=1
+timeout 200 python3 benchmarks/bench_ops.py --backends pallas --iters 10 --shapes 4x4096 1x16384 \
+  --configs "$best" "$lean" "$leaner" > "$out/bench_ops.log" 2>&1 || status=1
 grep -v -i warn "$out/bench_ops.log" | tail -20
 exit $status

@@ -27,7 +27,7 @@ from gdn2_jax.crosscheck import (
     torch_reference,
 )
 from gdn2_jax.ops import gated_delta_rule2, gated_delta_rule2_recurrent, gated_delta_rule2_step
-from pallas_kernels import default_chunk_config
+from pallas_kernels import Launch, default_chunk_config
 from pallas_kernels.recurrent import recurrent
 
 pytestmark = [
@@ -141,10 +141,11 @@ def test_token_diagonal_grid_production_heads(dtype, monkeypatch):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_levels_diagonal_blocks_production_heads(dtype, monkeypatch):
     """diag_blocks="levels" (the diagonal blocks as masked matmuls per level, no column loop)
-    compiled for the GPU under the split prep, against fla's naive recurrence."""
+    at K slices of 16 on 4 warps, compiled for the GPU under the split prep, against fla's
+    naive recurrence."""
     cfg = dataclasses.replace(
         default_chunk_config(dtype), structure="split_prep", diag_inverse="doubling",
-        diag_blocks="levels",
+        diag_blocks="levels", diag_block_k=16, diag=Launch(4, 1),
     )  # fmt: skip
     bind_chunk_config(monkeypatch, cfg)
     _check_production_heads((128, 128), dtype, {"gdn2_chunk_fwd_diag": 1})
