@@ -49,9 +49,12 @@ def chunk_cumsum(g):
     return G, G[:, CHUNK - 1 :: CHUNK]
 
 
-def _offdiag_scores(q_ref, k_ref, b_ref, G_ref, bi, h, bh, t0, *, K, bk, scale, num):
-    """A_qk and T on the sub-blocks below the diagonal, factored through the boundary n = first
-    row of the row block: exp(G_r − G_n) · exp(G_n − G_s) with s < n ≤ r, both exponents ≤ 0."""
+def _offdiag_scores(
+    q_ref, k_ref, b_ref, G_ref, bi, h, bh, t0, *, K, bk, scale, num, outputs=("a", "t")
+):
+    """A_qk ("a") and T ("t") on the sub-blocks below the diagonal, factored through the
+    boundary n = first row of the row block: exp(G_r − G_n) · exp(G_n − G_s) with s < n ≤ r,
+    both exponents ≤ 0. `outputs` names the ones to form (a dict of blocks each)."""
 
     def body(kb, accs):
         ks = pl.ds(pl.multiple_of(kb * bk, bk), bk)
@@ -63,21 +66,23 @@ def _offdiag_scores(q_ref, k_ref, b_ref, G_ref, bi, h, bh, t0, *, K, bk, scale, 
             rows = pl.ds(t0 + SUB * i, SUB)
             Gn = G_ref[bh, t0 + SUB * i, ks][None, :]
             decay_row = jnp.exp(G[i] - Gn)
-            qf = q_ref[bi, rows, h, ks].astype(F32) * (scale * decay_row)
-            ef = b_ref[bi, rows, h, ks].astype(F32) * k[i] * decay_row
+            left = {}
+            if "a" in outputs:
+                left["a"] = q_ref[bi, rows, h, ks].astype(F32) * (scale * decay_row)
+            if "t" in outputs:
+                left["t"] = b_ref[bi, rows, h, ks].astype(F32) * k[i] * decay_row
             for j in range(i):
                 kf = k[j] * jnp.exp(Gn - G[j])
-                a_acc, t_acc = accs[(i, j)]
-                out[(i, j)] = (
-                    a_acc + mm(qf, kf, num.score_precision, tb=True),
-                    t_acc + mm(ef, kf, num.score_precision, tb=True),
+                out[(i, j)] = tuple(
+                    acc + mm(left[name], kf, num.score_precision, tb=True)
+                    for name, acc in zip(outputs, accs[(i, j)], strict=True)
                 )
         return tuple(zip(*(out[p] for p in _PAIRS), strict=True))
 
     zero = jnp.zeros((SUB, SUB), F32)
-    init = ((zero,) * len(_PAIRS),) * 2
-    a_blocks, t_blocks = jax.lax.fori_loop(0, K // bk, body, init)
-    return dict(zip(_PAIRS, a_blocks, strict=True)), dict(zip(_PAIRS, t_blocks, strict=True))
+    init = ((zero,) * len(_PAIRS),) * len(outputs)
+    blocks = jax.lax.fori_loop(0, K // bk, body, init)
+    return tuple(dict(zip(_PAIRS, b, strict=True)) for b in blocks)
 
 
 def _diag_scores(q_ref, k_ref, b_ref, G_ref, bi, h, bh, r0, *, K, scale, precision, put=None):

@@ -74,22 +74,38 @@ def _solve_kernel(
 ):  # fmt: skip
     c, bh = pl.program_id(0), pl.program_id(1)
     t0 = c * CHUNK
-    bk = min(cfg.intra_block_k, K)
     bi, h = bh // H, bh % H
-    a_blocks, t_blocks = _offdiag_scores(
-        q_ref, k_ref, b_ref, G_ref, bi, h, bh, t0, K=K, bk=bk, scale=scale, num=num
-    )
-    inverse = {}
-    for i in range(NUM_SUB):
-        r0 = t0 + SUB * i
-        a_blocks[(i, i)] = a_diag_ref[bh, pl.ds(r0, SUB), :]
+    scores = functools.partial(
+        _offdiag_scores, q_ref, k_ref, b_ref, G_ref, bi, h, bh, t0, K=K,
+        bk=min(cfg.intra_block_k, K), scale=scale, num=num,
+    )  # fmt: skip
+
+    def diag_inverse(r0):
         if cfg.diag_inverse == "doubling":
-            inverse[(i, i)] = _double_diag_block(t_diag_ref, bh, r0, num.solve_precision)
-        else:
-            inverse[(i, i)] = _invert_diag_block(t_diag_ref, bh, r0)
-    _store_blocks(aqk_ref, bh, t0, a_blocks, aqk_ref.dtype)
+            return _double_diag_block(t_diag_ref, bh, r0, num.solve_precision)
+        return _invert_diag_block(t_diag_ref, bh, r0)
+
+    def with_diag_scores(a_blocks):
+        for i in range(NUM_SUB):
+            a_blocks[(i, i)] = a_diag_ref[bh, pl.ds(t0 + SUB * i, SUB), :]
+        return a_blocks
+
+    if cfg.solve_scores == "joint":
+        a_blocks, t_blocks = scores(outputs=("a", "t"))
+        inverse = {}
+        for i in range(NUM_SUB):
+            r0 = t0 + SUB * i
+            a_blocks[(i, i)] = a_diag_ref[bh, pl.ds(r0, SUB), :]
+            inverse[(i, i)] = diag_inverse(r0)
+        _store_blocks(aqk_ref, bh, t0, a_blocks, aqk_ref.dtype)
+    else:  # T's blocks and the inverse, then A_qk's: each set live alone (fewer registers)
+        (t_blocks,) = scores(outputs=("t",))
+        inverse = {(i, i): diag_inverse(t0 + SUB * i) for i in range(NUM_SUB)}
     inverse = merge_blocks(t_blocks, inverse, num.solve_precision)
     _store_blocks(ainv_ref, bh, t0, inverse, ainv_ref.dtype)
+    if cfg.solve_scores == "apart":
+        (a_blocks,) = scores(outputs=("a",))
+        _store_blocks(aqk_ref, bh, t0, with_diag_scores(a_blocks), aqk_ref.dtype)
 
 
 def _wy_kernel(

@@ -44,6 +44,10 @@ DIAG_GRIDS = ("block", "token")
 # every 16-, 8-, 4- and 2-row block through its own midpoint, one masked [16, K] x [K, 16]
 # matmul per level and output, no loop (the exps are as many; `diag_store` does not apply).
 DIAG_BLOCKS = ("loop", "levels")
+# How the split solve forms the off-diagonal score blocks: "joint" A_qk's and T's in one K loop
+# (twelve accumulators live with their loads), "apart" T's, then the inverse, then A_qk's in a
+# second K loop (loads k and G twice; ptxas spills 96 instead of 648 bytes a thread).
+SOLVE_SCORES = ("joint", "apart")
 # How the split solve inverts T's diagonal 16x16 blocks: "substitution" row by row on the CUDA
 # cores, "doubling" as four levels of two [16, 16] matmuls (exact, on the tensor cores where the
 # solve precision allows).
@@ -146,6 +150,7 @@ class ChunkConfig:
     # split, `state` launches the state-only pass.
     structure: str = "fused"
     diag_inverse: str = "substitution"  # DIAG_INVERSES (the split solve launch)
+    solve_scores: str = "joint"  # SOLVE_SCORES (the split solve launch)
     wy_apply: Launch = Launch(num_warps=4, num_stages=2)  # U, Y, Q_γ, K_tail per column tile
     output_block_v: int = 64  # V columns per output program (clipped as the state tile is)
     output: Launch = Launch(num_warps=4, num_stages=2)
@@ -172,6 +177,7 @@ class ChunkConfig:
             ("diag_store", DIAG_STORES),
             ("diag_grid", DIAG_GRIDS),
             ("diag_blocks", DIAG_BLOCKS),
+            ("solve_scores", SOLVE_SCORES),
             ("diag_inverse", DIAG_INVERSES),
             ("structure", STRUCTURES),
         ):

@@ -6,8 +6,9 @@
 # (fla's autotuning under ncu did not fit a call); and the op beside fla at two shapes under
 # the configs whose launches `benchmarks/kernel_resources.py` (no GPU needed) compiles to fewer
 # registers: `lean` = the levels diagonal at K slices of 16 on 4 warps (96 registers, 31% of
-# an SM's warps, against 255 and 12.5%), `leaner` also the solve's 16-wide K slices (32 bytes of
-# spills against 648) and the backward's diagonal and intra launches at 164 and 196 registers.
+# an SM's warps, against 255 and 12.5%); `leaner` also the solve's score blocks in two K loops
+# of 16 (64 bytes of spills a thread against 648) and the backward's diagonal and intra
+# launches at 164 and 196 registers (`tests/test_pallas_gpu.py::test_lean_launches_...`).
 # Run from the repository root: bash scripts/kernels_gpu_check.sh [OUT_DIR]
 # Each part runs even when an earlier one fails; the exit status is non-zero if any failed.
 set -uo pipefail
@@ -17,7 +18,7 @@ export PYTHONPATH="$PWD:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}"
 status=0
 best=structure=split_prep,diag_inverse=doubling
 lean=$best,diag_blocks=levels,diag_block_k=16,diag=4:1
-leaner=$lean,intra_block_k=16,intra_bwd_diag=4:1,intra_bwd_block_k=32
+leaner=$lean,intra_block_k=16,solve_scores=apart,intra_bwd_diag=4:1,intra_bwd_block_k=32
 sections=(--section SpeedOfLight --section Occupancy --section LaunchStats
   --section SchedulerStats --section WarpStateStats --section MemoryWorkloadAnalysis)
 timeout 240 python3 -m pytest -q -m gpu tests/test_pallas_gpu.py -p no:cacheprovider \

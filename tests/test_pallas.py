@@ -182,13 +182,16 @@ def test_chunk_core_under_other_tiles_matches_xla_core():
     _assert_core_matches_xla_core(SMALL_TILES, Shape(B=1, T=128, H=2, K=32, V=32), seed=44)
 
 
-def test_split_structure_on_packed_sequences_matches_xla_core():
+@pytest.mark.parametrize("solve_scores", ["joint", "apart"])
+def test_split_structure_on_packed_sequences_matches_xla_core(solve_scores):
     """The split forward's five launches (and the shared backward) with 16-wide tiles, the
-    diagonal launch storing its columns and the diagonal inverses by doubling; three sequences
-    packed in one row: one chunk, an empty one, two chunks."""
+    diagonal launch storing its columns, the diagonal inverses by doubling and the solve's
+    score blocks in one K loop or two; three sequences packed in one row: one chunk, an empty
+    one, two chunks."""
     cfg = dataclasses.replace(
-        SMALL_TILES, structure="split", diag_store="columns", diag_inverse="doubling"
-    )
+        SMALL_TILES, structure="split", diag_store="columns", diag_inverse="doubling",
+        solve_scores=solve_scores,
+    )  # fmt: skip
     shape = Shape(B=1, T=192, H=2, K=32, V=32)
     _assert_core_matches_xla_core(cfg, shape, seed=45, chunk_bounds=(0, 1, 1, 3))
 
