@@ -143,13 +143,12 @@ def _diag_scores_levels(q_ref, k_ref, b_ref, G_ref, bi, h, bh, r0, *, K, bk, sca
     quadrants are one [16, bk] x [bk, 16] matmul masked to them, summed over K slices of `bk`
     (fewer live tiles: at bk = K the launch ran out of registers); the diagonal is q_r · k_r."""
     rows = pl.ds(r0, SUB)
-    r, c = iota((SUB, SUB), 0), iota((SUB, SUB), 1)
-    quadrants = []
+    r, c, r_k = iota((SUB, SUB), 0), iota((SUB, SUB), 1), iota((SUB, bk), 0)
+    levels = []  # (level, its quadrants in the block, the rows at or below each midpoint)
     for level in range(SUB.bit_length() - 1, 0, -1):
         s, half = 1 << level, 1 << (level - 1)
-        quadrants.append(
-            ((r >> level) == (c >> level)) & ((r & (s - 1)) >= half) & ((c & (s - 1)) < half)
-        )
+        quadrant = ((r >> level) == (c >> level)) & ((r & (s - 1)) >= half) & ((c & (s - 1)) < half)
+        levels.append((level, quadrant, (r_k & (s - 1)) >= half))
 
     def slice_body(kb, carry):
         a_d, t_d = carry
@@ -158,11 +157,9 @@ def _diag_scores_levels(q_ref, k_ref, b_ref, G_ref, bi, h, bh, r0, *, K, bk, sca
         k = k_ref[bi, rows, h, ks].astype(F32)
         bk_ = b_ref[bi, rows, h, ks].astype(F32) * k
         G = G_ref[bh, rows, ks]
-        r_k = iota((SUB, bk), 0)
         a_d = a_d + jnp.where(r == c, mm(q, k, precision, tb=True), 0.0)
-        for level, quadrant in zip(range(SUB.bit_length() - 1, 0, -1), quadrants, strict=True):
+        for level, quadrant, lower in levels:
             Gn = _level_midpoints(G_ref, bh, r0, level, ks)
-            lower = (r_k & ((1 << level) - 1)) >= (1 << (level - 1))
             to_n = jnp.exp(jnp.where(lower, G - Gn, -jnp.inf))
             kf = k * jnp.exp(jnp.where(lower, -jnp.inf, Gn - G))
             a_d = a_d + jnp.where(quadrant, mm(q * to_n, kf, precision, tb=True), 0.0)
