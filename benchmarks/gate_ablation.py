@@ -69,7 +69,9 @@ def config_from(args: argparse.Namespace) -> ablation.AblationConfig:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True
+    )
     try:
         if args.merge:
             results = ablation.merge([json.loads(p.read_text()) for p in args.merge])

@@ -26,7 +26,7 @@ COLUMNS = {
     "Memory Throughput": "mem %",
     "Compute (SM) Throughput": "sm %",
     "Achieved Occupancy": "occ %",
-    "Issue Slots Busy": "issue %",
+    "One or More Eligible": "issue %",
     "Warp Cycles Per Issued Instruction": "cyc/issue",
     "L1/TEX Hit Rate": "L1 hit %",
     "L2 Hit Rate": "L2 hit %",
@@ -92,7 +92,8 @@ def summarize(path: str) -> str:
     for rec in csv.DictReader(lines):
         key = (rec["ID"], rec["Kernel Name"])
         name = rec["Metric Name"]
-        if name in COLUMNS:
+        # Some names repeat across sections in other units (Memory Throughput in byte/s).
+        if name in COLUMNS and (rec["Metric Unit"] == "%") == COLUMNS[name].endswith("%"):
             value = rec["Metric Value"]
             if name == "Duration" and rec["Metric Unit"] in ("msecond", "ms"):
                 value = str(_number(value) * 1e3)
