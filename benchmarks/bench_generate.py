@@ -13,7 +13,8 @@ compiled decode loop over the other new tokens, divided by their number), `gener
 (`Generator.generate` end to end) and `overhead ms` = generate − prefill − (N − 1) · decode;
 `generate() ms` is the module-level `generate`, which splits the model's graph on every call.
 Times are medians of `--repeats` after a compile and a warm-up call; `min` is the generator's
-`min_decode_rows` (`--min-decode-rows`), `mrg` its `merge_dots` (`--merge-dots`). A variant is a
+`min_decode_rows` (`--min-decode-rows`), `mrg` its `merge_dots` (`--merge-dots`), `cat` its
+`concat_projections` (`--concat-projections`). A variant is a
 comma-separated list of `ModelConfig` overrides ("" for the defaults).
 
 The per-layer table times one token of one GDN-2 layer of the preset's shapes at each batch:
@@ -53,6 +54,7 @@ class Row:
     batch: int
     min_decode_rows: int
     merge_dots: bool
+    concat_projections: bool
     prompt_len: int
     new_tokens: int
     prefill_rows: int
@@ -98,6 +100,10 @@ def parse_args(argv=None):
         help="Generator(merge_dots=...) settings, each a row per variant and batch",
     )  # fmt: skip
     parser.add_argument(
+        "--concat-projections", nargs="+", choices=("off", "on"), default=["on"],
+        help="Generator(concat_projections=...) settings, each a row per variant and batch",
+    )  # fmt: skip
+    parser.add_argument(
         "--decode-block-v", nargs="+", type=int, default=[],
         help="also time the fused layer step with each DecodeConfig.block_v",
     )  # fmt: skip
@@ -131,17 +137,26 @@ def _median_s(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The `Generator` arguments a row varies."""
+
+    min_decode_rows: int
+    merge_dots: bool
+    concat_projections: bool
+
+    def kwargs(self) -> dict:
+        return dataclasses.asdict(self)
+
+
 def time_generate(
-    cfg: ModelConfig, batch: int, args, preset: str, variant: str, min_rows: int, merge: bool
+    cfg: ModelConfig, batch: int, args, preset: str, variant: str, settings: Settings
 ) -> Row:
     start = time.perf_counter()
     model = CausalLM(cfg, rngs=nnx.Rngs(0))
     prompt = jax.random.randint(jax.random.key(1), (batch, args.prompt_len), 0, cfg.vocab_size)
     N = args.new_tokens
-    gen = Generator(
-        model, prefill_tokens=args.prefill_tokens or None, min_decode_rows=min_rows,
-        merge_dots=merge,
-    )  # fmt: skip
+    gen = Generator(model, prefill_tokens=args.prefill_tokens or None, **settings.kwargs())
     # The Generator's own compiled pieces, called as `Generator.generate` calls them.
     lengths = jnp.full((batch,), args.prompt_len, jnp.int32)
     eos, pad = jnp.full((batch,), -1, jnp.int32), jnp.asarray(0, jnp.int32)
@@ -158,8 +173,9 @@ def time_generate(
 
     def decode():
         return gen.decode_fn(
-            gen.state, carry, keys[1:], eos, pad, sampling=gen.sampling, min_rows=min_rows
-        )
+            gen.state, carry, keys[1:], eos, pad, sampling=gen.sampling,
+            min_rows=settings.min_decode_rows,
+        )  # fmt: skip
 
     def whole():
         return gen.generate(prompt, max_new_tokens=N)
@@ -167,7 +183,7 @@ def time_generate(
     def whole_fn():
         return generate(
             model, prompt, max_new_tokens=N, prefill_tokens=gen.prefill_tokens,
-            min_decode_rows=min_rows, merge_dots=merge,
+            **settings.kwargs(),
         )  # fmt: skip
 
     for fn in (decode, whole, whole_fn):
@@ -181,8 +197,7 @@ def time_generate(
         preset=preset,
         variant=variant or "defaults",
         batch=batch,
-        min_decode_rows=min_rows,
-        merge_dots=merge,
+        **settings.kwargs(),
         prompt_len=args.prompt_len,
         new_tokens=N,
         prefill_rows=gen.rows(prompt),
@@ -280,7 +295,8 @@ def time_layers(cfg: ModelConfig, args) -> list[LayerRow]:
 def print_header() -> None:
     print(f"{jax.devices()[0].device_kind}, {jax.default_backend()}")
     print(
-        f"{'preset':12s} {'variant':24s} {'B':>3s} {'min':>3s} {'mrg':>3s} {'prompt':>6s} "
+        f"{'preset':12s} {'variant':24s} {'B':>3s} {'min':>3s} {'mrg':>3s} {'cat':>3s} "
+        f"{'prompt':>6s} "
         f"{'new':>4s} "
         f"{'rows':>4s} "
         f"{'prefill ms':>10s} "
@@ -293,7 +309,8 @@ def print_header() -> None:
 def print_row(r: Row) -> None:
     print(
         f"{r.preset:12s} {r.variant:24s} {r.batch:3d} {r.min_decode_rows:3d} "
-        f"{'on' if r.merge_dots else 'off':>3s} {r.prompt_len:6d} {r.new_tokens:4d} "
+        f"{'on' if r.merge_dots else 'off':>3s} {'on' if r.concat_projections else 'off':>3s} "
+        f"{r.prompt_len:6d} {r.new_tokens:4d} "
         f"{r.prefill_rows:4d} {r.prefill_ms:10.2f} {r.decode_ms_per_token:13.3f} "
         f"{r.generate_ms:11.1f} {r.overhead_ms:11.2f} {r.generate_fn_ms:13.1f} "
         f"{r.decode_tokens_per_s:12.0f} {r.tokens_per_s:9.0f}",
@@ -333,10 +350,11 @@ def main(argv=None):
         for variant in args.variants:
             cfg = model_config(preset, args.dtype, variant)
             for b in args.batches:
-                for min_rows, merge in itertools.product(args.min_decode_rows, args.merge_dots):
-                    rows.append(
-                        time_generate(cfg, b, args, preset, variant, min_rows, merge == "on")
-                    )
+                for min_rows, merge, concat in itertools.product(
+                    args.min_decode_rows, args.merge_dots, args.concat_projections
+                ):
+                    settings = Settings(min_rows, merge == "on", concat == "on")
+                    rows.append(time_generate(cfg, b, args, preset, variant, settings))
                     print_row(rows[-1])
                     write_json(args.json, rows, [])
     layer_rows = []

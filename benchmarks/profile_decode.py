@@ -55,6 +55,11 @@ def parse_args(argv=None):
         help="Generator(min_decode_rows=...)",
     )
     parser.add_argument("--merge-dots", action="store_true", help="Generator(merge_dots=True)")
+    parser.add_argument(
+        "--separate-projections",
+        action="store_true",
+        help="Generator(concat_projections=False)",
+    )
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--top", type=int, default=25, help="rows of the grouped table")
     parser.add_argument("--json", help="also write the summary to this file")
@@ -124,7 +129,10 @@ def summarize(events: list[Launch], steps: int, top: int) -> dict:
 def profile(args) -> dict:
     cfg = model_config(args.preset, args.dtype, args.variant)
     model = CausalLM(cfg, rngs=nnx.Rngs(0))
-    gen = Generator(model, min_decode_rows=args.min_decode_rows, merge_dots=args.merge_dots)
+    gen = Generator(
+        model, min_decode_rows=args.min_decode_rows, merge_dots=args.merge_dots,
+        concat_projections=not args.separate_projections,
+    )  # fmt: skip
     B, T = args.batch, args.prompt_len
     prompt = jax.random.randint(jax.random.key(1), (B, T), 0, cfg.vocab_size)
     lengths, eos = jnp.full((B,), T, jnp.int32), jnp.full((B,), -1, jnp.int32)

@@ -122,21 +122,24 @@ def _pad_rows(tree, rows: int):
     return jax.tree.map(pad, tree)
 
 
-def _decode(model, carry, keys, eos, pad, *, sampling, min_rows):
+def _decode(model, carry, keys, eos, pad, *, sampling, min_rows, concat):
     """len(keys) decoding steps from carry = (token, caches, done) -> (carry, tokens [B, n]).
 
     A finished row (it emitted its eos) keeps stepping with its last token, masked: it emits
     pad. The loop is a scan of static length, so the device never waits on the host. The model
     steps at least `min_rows` rows (copies of the last; see `Generator`); sampling sees the B
-    real rows only, so the tokens and random draws are those of the B rows alone.
+    real rows only, so the tokens and random draws are those of the B rows alone. With
+    `concat`, the projection kernels are concatenated once, before the loop
+    (`CausalLM.step_kernels`).
     """
     token, caches, done = carry
     B = token.shape[0]
     rows = max(B, min_rows)
+    kernels = model.step_kernels() if concat else None
 
     def body(carry, key_t):
         token, caches, done = carry
-        logits, caches = model.decode_step(_pad_rows(token, rows), caches)
+        logits, caches = model.decode_step(_pad_rows(token, rows), caches, kernels)
         nxt = jnp.where(done, pad, sample_logits(logits[:B], key_t, sampling))
         return (jnp.where(done, token, nxt), caches, done | (nxt == eos)), nxt
 
@@ -156,15 +159,18 @@ def _assemble(prompt, lengths, new, pad):
 
 
 def _generate(
-    graphdef, state, prompt, lengths, eos, pad, key, *, max_new_tokens, sampling, rows, min_rows
-):
+    graphdef, state, prompt, lengths, eos, pad, key, *, max_new_tokens, sampling, rows, min_rows,
+    concat,
+):  # fmt: skip
     model = nnx.merge(graphdef, state)
     keys = jax.random.split(key, max_new_tokens)
     max_len = prompt.shape[1] + max_new_tokens
     carry = _start(
         model, prompt, lengths, eos, keys[0], max_len=max_len, sampling=sampling, rows=rows
     )
-    _, rest = _decode(model, carry, keys[1:], eos, pad, sampling=sampling, min_rows=min_rows)
+    _, rest = _decode(
+        model, carry, keys[1:], eos, pad, sampling=sampling, min_rows=min_rows, concat=concat
+    )
     return _assemble(prompt, lengths, jnp.concatenate([carry[0][:, None], rest], axis=1), pad)
 
 
@@ -173,26 +179,29 @@ def _stream_start(graphdef, state, prompt, lengths, eos, key, *, max_len, sampli
     return _start(model, prompt, lengths, eos, key, max_len=max_len, sampling=sampling, rows=rows)
 
 
-def _stream_decode(graphdef, state, carry, keys, eos, pad, *, sampling, min_rows):
+def _stream_decode(graphdef, state, carry, keys, eos, pad, *, sampling, min_rows, concat):
     model = nnx.merge(graphdef, state)
-    return _decode(model, carry, keys, eos, pad, sampling=sampling, min_rows=min_rows)
+    return _decode(
+        model, carry, keys, eos, pad, sampling=sampling, min_rows=min_rows, concat=concat
+    )
 
 
 # XLA's DotMerger turns matmuls that share an input (a layer's q, k, v, gate projections) into
 # one matmul against the concatenation of their weights. Inside the decoding loop it re-copies
 # those weights every step (profile of a 1.3B step at batch 1: 614 of 2470 us in concatenations,
 # 129 in the slices of the merged product; benchmarks/RESULTS.md), so the decoding programs
-# compile without it unless `merge_dots`.
+# compile without it unless `merge_dots`; `concat_projections` concatenates the weights once,
+# before the loop, instead.
 NO_DOT_MERGER = {"xla_gpu_dot_merger_threshold_mb": 0}
 
 
 @functools.lru_cache(maxsize=8)
-def _programs(graphdef, merge_dots: bool = False):
+def _programs(graphdef, merge_dots: bool = False, concat_projections: bool = True):
     """The jitted programs of one model structure, shared by every `Generator` of it (so that
     `generate`, which builds one per call, hashes the graph once and compiles once per shape)."""
-    run = functools.partial(_generate, graphdef)
+    run = functools.partial(_generate, graphdef, concat=concat_projections)
     start = functools.partial(_stream_start, graphdef)
-    decode = functools.partial(_stream_decode, graphdef)
+    decode = functools.partial(_stream_decode, graphdef, concat=concat_projections)
     options = None if merge_dots else NO_DOT_MERGER
     return (
         jax.jit(
@@ -276,7 +285,9 @@ class Generator:
     into a multiply and a reduction, and a second row keeps the projections matrix products
     (on an H100, 2.38 against 3.51 ms a token for the 1.3B model; benchmarks/RESULTS.md); the
     padding rows' tokens are dropped. `merge_dots` lets XLA merge matmuls that share an input
-    in the decoding programs (`NO_DOT_MERGER`).
+    in the decoding programs (`NO_DOT_MERGER`); `concat_projections` (the default) concatenates
+    the weights of the projections that share an input once per call, before the decoding loop,
+    so that each step reads them in one matmul (`CausalLM.step_kernels`; same tokens).
     """
 
     def __init__(
@@ -288,6 +299,7 @@ class Generator:
         prefill_tokens: int | None = PREFILL_TOKENS,
         min_decode_rows: int = MIN_DECODE_ROWS,
         merge_dots: bool = False,
+        concat_projections: bool = True,
     ):
         if not isinstance(min_decode_rows, int | np.integer) or min_decode_rows < 1:
             raise ValueError(f"min_decode_rows must be an int >= 1, got {min_decode_rows!r}")
@@ -303,7 +315,9 @@ class Generator:
         graphdef, self.state = nnx.split(model)
         # The jitted pieces over (state, ...): whole generation, prefill + first sample, decode
         # steps; `benchmarks/bench_generate.py` times them apart.
-        self.generate_fn, self.prefill_fn, self.decode_fn = _programs(graphdef, bool(merge_dots))
+        self.generate_fn, self.prefill_fn, self.decode_fn = _programs(
+            graphdef, bool(merge_dots), bool(concat_projections)
+        )
 
     def generate(self, prompt, *, max_new_tokens: int, rng=None, eos_id=None, prompt_lengths=None):
         """prompt [B, T] int32 -> [B, T + max_new_tokens] int32; see `generate`."""
@@ -363,6 +377,7 @@ def generate(
     prefill_tokens: int | None = PREFILL_TOKENS,
     min_decode_rows: int = MIN_DECODE_ROWS,
     merge_dots: bool = False,
+    concat_projections: bool = True,
 ):
     """prompt [B, T] int32 -> [B, T + max_new_tokens] int32.
 
@@ -371,13 +386,15 @@ def generate(
     tokens, then `pad_id` to the common width. `eos_id` (an int, or [B] ints: a stop token per
     row) ends a row: it keeps the eos and holds `pad_id` after it. Greedy rows equal separate
     `generate` calls of each row alone. `prefill_tokens` bounds the prompt tokens prefilled at
-    once, `min_decode_rows` pads a smaller batch's decoding step and `merge_dots` lets XLA merge
-    matmuls that share an input (see `Generator`). For repeated calls or streaming use a
+    once, `min_decode_rows` pads a smaller batch's decoding step, `merge_dots` lets XLA merge
+    matmuls that share an input and `concat_projections` merges them once before the decoding
+    loop (see `Generator`). For repeated calls or streaming use a
     `Generator`.
     """
     generator = Generator(
         model, sampling=sampling, pad_id=pad_id, prefill_tokens=prefill_tokens,
         min_decode_rows=min_decode_rows, merge_dots=merge_dots,
+        concat_projections=concat_projections,
     )  # fmt: skip
     return generator.generate(
         prompt, max_new_tokens=max_new_tokens, rng=rng, eos_id=eos_id,

@@ -7,6 +7,7 @@ follow NVIDIA's lit_gpt `GPT`, so `gdn2_jax.convert` maps checkpoints one-to-one
 """
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +33,14 @@ REMAT_POLICIES = {
         _policies.save_only_these_names(OP_RESIDUALS_NAME),
     ),
 }
+
+
+class StepKernels(NamedTuple):
+    """A block's concatenated projection kernels for decoding: the GDN-2 mixer's inputs (None
+    for attention) and the MLP's w1 and w2."""
+
+    mixer: jax.Array | None
+    mlp: jax.Array | None
 
 
 class Block(nnx.Module):
@@ -70,10 +79,20 @@ class Block(nnx.Module):
         x = x + h
         return x + self.mlp(self.norm_2(x)), cache
 
-    def step(self, x_t, cache):
-        h, cache = self.mixer.step(self.norm_1(x_t), cache)
+    def step_kernels(self) -> StepKernels:
+        """The concatenated projection kernels of `step` (see `CausalLM.step_kernels`)."""
+        mixer = self.mixer.step_kernel() if self.kind == "gdn2" else None
+        return StepKernels(mixer, self.mlp.step_kernel())
+
+    def step(self, x_t, cache, kernels: StepKernels | None = None):
+        kernels = kernels or StepKernels(None, None)
+        x = self.norm_1(x_t)
+        if kernels.mixer is None:
+            h, cache = self.mixer.step(x, cache)
+        else:
+            h, cache = self.mixer.step(x, cache, kernel=kernels.mixer)
         x_t = x_t + h
-        return x_t + self.mlp(self.norm_2(x_t)), cache
+        return x_t + self.mlp(self.norm_2(x_t), kernel=kernels.mlp), cache
 
 
 def _make_mixer(cfg: ModelConfig, kind: str, out_scale: float, rngs: nnx.Rngs):
@@ -196,12 +215,21 @@ class CausalLM(nnx.Module):
             caches.append(cache)
         return x, tuple(caches)
 
-    def decode_step(self, token, caches):
-        """One token [B] int32 after the cached context -> (logits [B, vocab], caches)."""
+    def step_kernels(self) -> tuple[StepKernels, ...]:
+        """Per block, the kernels of the projections that read one input, concatenated: made once
+        before a decoding loop and passed to every `decode_step`, they let each step read those
+        weights in one matmul per group. (XLA's DotMerger does the same but inside the loop,
+        copying the weights in every step.)"""
+        return tuple(block.step_kernels() for block in self.blocks)
+
+    def decode_step(self, token, caches, kernels: tuple[StepKernels, ...] | None = None):
+        """One token [B] int32 after the cached context -> (logits [B, vocab], caches);
+        `kernels`: `step_kernels()` (the same numbers, fewer matmuls)."""
         x = self.embed(token)
         new = []
-        for block, cache in zip(self.blocks, caches, strict=True):
-            x, cache = block.step(x, cache)
+        per_block = (None,) * len(self.blocks) if kernels is None else kernels
+        for block, cache, block_kernels in zip(self.blocks, caches, per_block, strict=True):
+            x, cache = block.step(x, cache, block_kernels)
             new.append(cache)
         return self.logits(x), tuple(new)
 

@@ -15,10 +15,12 @@ def test_bench_generate_runs_the_tiny_preset_on_cpu(tmp_path, capsys):
     out = tmp_path / "generate.json"
     bench_generate.main(
         ["--presets", "tiny", "--batches", "2", "--prompt-len", "5", "--new-tokens", "3",
-         "--repeats", "1", "--layer-steps", "2", "--dtype", "float32", "--json", str(out)]
+         "--repeats", "1", "--layer-steps", "2", "--dtype", "float32", "--json", str(out),
+         "--concat-projections", "off", "on"]
     )  # fmt: skip
     result = json.loads(out.read_text())
-    (row,) = result["generate"]
+    apart, row = result["generate"]
+    assert (apart["concat_projections"], row["concat_projections"]) == (False, True)
     assert (row["preset"], row["batch"], row["prompt_len"], row["new_tokens"]) == ("tiny", 2, 5, 3)
     for field in ("prefill_ms", "decode_ms_per_token", "generate_ms", "generate_fn_ms"):
         assert row[field] > 0

@@ -144,3 +144,38 @@ def test_fused_decode_says_why_it_cannot_run():
         layer(decode="fast")
     with pytest.raises(ValueError, match="gdn2_decode"):
         ModelConfig.preset("tiny", gdn2_decode="fast")
+
+
+def _dots(fn, *args) -> int:
+    return str(jax.make_jaxpr(fn)(*args)).count("dot_general")
+
+
+@pytest.mark.parametrize(
+    ("decode", "gate_mode"),
+    [("fused", "gdn2"), ("unfused", "gdn2"), ("unfused", "kda")],
+    ids=["fused", "unfused", "unfused-kda"],
+)
+def test_step_with_concatenated_kernel_reads_the_inputs_in_one_matmul(decode, gate_mode):
+    """`step(kernel=step_kernel())`: the projections that read x_t (q, k, v, the first factors
+    of f and g, b, w) as one matmul, with the separate projections' outputs and caches."""
+    layer = GatedDeltaRule2(
+        64, 2, 32, decode=decode, gate_mode=gate_mode, num_v_heads=4, interpret=True,
+        rngs=nnx.Rngs(0),
+    )  # fmt: skip
+    kernel = layer.step_kernel()
+    inputs = 6 if gate_mode == "kda" else 7
+    assert kernel.shape == (64, sum(p.out_features for p in layer._input_linears()))
+    x = jax.random.normal(jax.random.key(5), (3, 64))
+    cache = layer.init_cache(3)
+    # Warm caches: a step from zeros would leave the conv history's products untested.
+    for scale in (0.5, 1.5):
+        _, cache = layer.step(x * scale, cache)
+    (y_sep, cache_sep), (y_cat, cache_cat) = (
+        layer.step(x, cache), layer.step(x, cache, kernel=kernel)
+    )  # fmt: skip
+    assert rel_err(y_cat, y_sep) < STEP_TOL
+    for got, want in zip(cache_cat, cache_sep, strict=True):
+        assert rel_err(got, want) < STEP_TOL
+    separate = _dots(lambda x: layer.step(x, cache), x)
+    together = _dots(lambda x, w: layer.step(x, cache, kernel=w), x, kernel)
+    assert separate - together == inputs - 1

@@ -237,6 +237,36 @@ def test_min_decode_rows_pads_the_step_not_the_tokens(preset):
         Generator(model, min_decode_rows=0)
 
 
+@pytest.mark.parametrize("preset", ["tiny", "tiny-hybrid"], ids=["recurrent", "hybrid"])
+def test_concat_projections_gives_the_same_tokens_with_fewer_matmuls(preset):
+    """Kernels concatenated once before the loop: the decoding program's matmuls drop by 7 per
+    GDN-2 block (its 7 input projections and the MLP's w1, w2 become 2) and 1 per attention
+    block (w1, w2); greedy and sampled tokens, streamed or not, are those without."""
+    cfg = ModelConfig.preset(preset)
+    model = CausalLM(cfg, rngs=nnx.Rngs(4))
+    prompt = _tokens(2, 7, cfg.vocab_size, seed=6)
+    for sampling, rng in ((GREEDY, None), (SamplingConfig(temperature=1.0), jax.random.key(3))):
+        kw = dict(max_new_tokens=9, rng=rng)
+        apart, together = (
+            Generator(model, sampling=sampling, concat_projections=c) for c in (False, True)
+        )
+        want = np.asarray(apart.generate(prompt, **kw))
+        np.testing.assert_array_equal(np.asarray(together.generate(prompt, **kw)), want)
+        streamed = np.concatenate(list(together.stream(prompt, every=4, **kw)), axis=1)
+        np.testing.assert_array_equal(streamed, want[:, 7:])
+    caches = model.prefill(prompt, max_len=16)[1]
+    carry = (prompt[:, -1], caches, jnp.zeros((2,), bool))
+    eos, keys = jnp.full((2,), -1, jnp.int32), jax.random.split(jax.random.key(0), 4)
+    dots = [
+        gen.decode_fn.lower(
+            gen.state, carry, keys, eos, jnp.int32(0), sampling=GREEDY, min_rows=1
+        ).as_text().count("stablehlo.dot_general")
+        for gen in (apart, together)
+    ]  # fmt: skip
+    gdn2 = cfg.block_pattern.count("gdn2")
+    assert dots[0] - dots[1] == 7 * gdn2 + (len(cfg.block_pattern) - gdn2)
+
+
 LOGITS = jnp.log(jnp.array([[0.05, 0.4, 0.1, 0.3, 0.15]]))
 
 

@@ -60,13 +60,14 @@ def test_one_row_decoded_as_two_gives_its_own_tokens_on_gpu():
 def test_decoding_programs_compile_without_the_dot_merger_on_gpu():
     """merge_dots=False: the compiled decoding program has none of the weight concatenations
     XLA's DotMerger adds on a GPU (where it merges a layer's projections that share an input),
-    and the same greedy tokens as with it."""
+    and the same greedy tokens as with it; concat_projections=False, whose own concatenations
+    would be counted too."""
     model = _model("auto")  # float32: the two programs' products may round differently
     prompt = jax.random.randint(jax.random.key(5), (1, 64), 0, 32000)
     args = (prompt, jnp.full((1,), 64, jnp.int32), jnp.full((1,), -1, jnp.int32), jnp.int32(0))
     counts, tokens = {}, {}
     for merge in (False, True):
-        gen = Generator(model, merge_dots=merge)
+        gen = Generator(model, merge_dots=merge, concat_projections=False)
         compiled = gen.generate_fn.lower(
             gen.state, *args, jax.random.key(0), max_new_tokens=8, sampling=GREEDY, rows=1,
             min_rows=gen.min_decode_rows,
@@ -75,6 +76,18 @@ def test_decoding_programs_compile_without_the_dot_merger_on_gpu():
         tokens[merge] = np.asarray(gen.generate(prompt, max_new_tokens=8))
     assert counts[False] < counts[True], counts
     np.testing.assert_array_equal(tokens[False], tokens[True])
+
+
+def test_concatenated_projections_give_the_same_tokens_on_gpu():
+    """concat_projections (the default) against the projections apart: the same greedy tokens
+    on the GPU, where the fused step runs and the merged matmul is one cuBLAS/Triton GEMM."""
+    model = _model("auto")  # float32: a bf16 GEMM of other width may round differently
+    prompt = jax.random.randint(jax.random.key(6), (2, 64), 0, 32000)
+    apart, together = (
+        np.asarray(generate(model, prompt, max_new_tokens=48, concat_projections=c))
+        for c in (False, True)
+    )
+    np.testing.assert_array_equal(together, apart)
 
 
 @pytest.mark.parametrize("block_v", [None, 32], ids=["whole_heads", "block_v32"])

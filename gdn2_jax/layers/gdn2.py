@@ -15,7 +15,13 @@ from flax import nnx
 
 from gdn2_jax.layers import context
 from gdn2_jax.layers.conv import ShortConvolution
-from gdn2_jax.layers.init import GDN2_LINEAR_INIT, dense, partitioned
+from gdn2_jax.layers.init import (
+    GDN2_LINEAR_INIT,
+    apply_concat,
+    concat_kernels,
+    dense,
+    partitioned,
+)
 from gdn2_jax.layers.norm import GatedRMSNorm
 from gdn2_jax.layers.segments import segment_starts
 from gdn2_jax.ops import core, sharded
@@ -215,25 +221,29 @@ class GatedDeltaRule2(nnx.Module):
 
     def gates(self, x):
         """x [..., hidden] -> g [..., HV, K] (float32), b [..., HV, K], w [..., HV, V]."""
-        f = self.f_proj(x).astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32)
+        w = None if self.w_proj is None else self.w_proj(x)
+        return self._gates(self.f_proj(x), self.b_proj(x), w, self.dtype or x.dtype)
+
+    def _gates(self, f, b_logit, w_logit, dtype):
+        """`gates` from the projections f_proj(x), b_proj(x), w_proj(x) (None for tied gates)."""
+        f = f.astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32)
         A = jnp.exp(self.A_log[...].astype(jnp.float32))
         g = jnp.einsum("h,...hk->...hk", -A, jax.nn.softplus(self._split(f, self.head_dim)))
         if self.gate_mode == "gdn":
             g = jnp.broadcast_to(jnp.mean(g, axis=-1, keepdims=True), g.shape)
-        b, w = self._erase_write(x)
+        b, w = self._erase_write(b_logit, w_logit, dtype)
         return self._repeat_kv_groups(g), b, w
 
-    def _erase_write(self, x):
-        dtype = self.dtype or x.dtype
+    def _erase_write(self, b_logit, w_logit, dtype):
         K, V = self.head_dim, self.head_v_dim
         scale = 2.0 if self.allow_neg_eigval else 1.0
         if self.gate_mode in TIED_GATE_MODES:
-            beta = scale * jax.nn.sigmoid(self.b_proj(x).astype(jnp.float32))[..., None]
+            beta = scale * jax.nn.sigmoid(b_logit.astype(jnp.float32))[..., None]
             lead = beta.shape[:-1]
             b, w = jnp.broadcast_to(beta, (*lead, K)), jnp.broadcast_to(beta, (*lead, V))
             return b.astype(dtype), w.astype(dtype)
-        b = jax.nn.sigmoid(self._split(self.b_proj(x), K).astype(jnp.float32))
-        w = jax.nn.sigmoid(self._split(self.w_proj(x), V).astype(jnp.float32))
+        b = jax.nn.sigmoid(self._split(b_logit, K).astype(jnp.float32))
+        w = jax.nn.sigmoid(self._split(w_logit, V).astype(jnp.float32))
         # Table 5's scalarized variants: average the gate over its channels, keep the projection.
         if self.gate_mode == "w_only":
             b = jnp.broadcast_to(jnp.mean(b, axis=-1, keepdims=True), b.shape)
@@ -247,8 +257,9 @@ class GatedDeltaRule2(nnx.Module):
         k = self._repeat_kv_groups(self._split(k, self.head_dim))
         return q, k, self._split(v, self.head_v_dim)
 
-    def _output(self, o, x):
-        o = self.o_norm(o, self._split(self.g_proj(x), self.head_v_dim))
+    def _output(self, o, gate):
+        """o [..., HV, V] and the output gate's projection g_proj(x) -> [..., hidden]."""
+        o = self.o_norm(o, self._split(gate, self.head_v_dim))
         return self.o_proj(o.reshape(*o.shape[:-2], self.value_dim))
 
     def runs_token_serial(self, T: int, *, split: bool = False) -> bool:
@@ -359,7 +370,7 @@ class GatedDeltaRule2(nnx.Module):
             split=split,
         )  # fmt: skip
         new_cache = None if cache is None else GDN2Cache(cq, ck, cv, S)
-        return self._output(o, x), new_cache
+        return self._output(o, self.g_proj(x)), new_cache
 
     def fused_decode_unsupported(self, dtype) -> str | None:
         """Why the fused decoding step cannot run this layer's step in `dtype` (None if it can)."""
@@ -398,31 +409,56 @@ class GatedDeltaRule2(nnx.Module):
             raise NotImplementedError(f'decode="fused" cannot run: {reason}')
         return "unfused"
 
-    def step(self, x_t, cache: GDN2Cache):
-        """One decoding token: x_t [B, hidden] -> (y_t [B, hidden], updated cache)."""
-        if self._decode_path(self.dtype or x_t.dtype) == "fused":
-            return self._fused_step(x_t, cache)
-        q, cq = self.q_conv1d.step(self.q_proj(x_t), cache.conv_q)
-        k, ck = self.k_conv1d.step(self.k_proj(x_t), cache.conv_k)
-        v, cv = self.v_conv1d.step(self.v_proj(x_t), cache.conv_v)
+    def _input_linears(self) -> list[nnx.Linear]:
+        """The projections that read x directly: q, k, v, the first factors of f and g, b, w."""
+        linears = [self.q_proj, self.k_proj, self.v_proj, self.f_proj.layers[0],
+                   self.g_proj.layers[0], self.b_proj]  # fmt: skip
+        return linears if self.w_proj is None else [*linears, self.w_proj]
+
+    def step_kernel(self) -> jax.Array:
+        """The kernels of the projections that read x, concatenated once for `step(kernel=)`."""
+        return concat_kernels(self._input_linears())
+
+    def _step_projections(self, x_t, kernel):
+        """x_t -> q, k, v, f_proj(x_t), g_proj(x_t), b_proj(x_t), w_proj(x_t) (None for tied
+        gates); the projections that read x_t as one matmul against `kernel` if given."""
+        linears = self._input_linears()
+        if kernel is None:
+            outs = [linear(x_t) for linear in linears]
+        else:
+            outs = apply_concat(linears, kernel, x_t)
+        q, k, v, f, gate, b, *w = outs
+        f, gate = self.f_proj.layers[1](f), self.g_proj.layers[1](gate)
+        return q, k, v, f, gate, b, (w[0] if w else None)
+
+    def step(self, x_t, cache: GDN2Cache, *, kernel=None):
+        """One decoding token: x_t [B, hidden] -> (y_t [B, hidden], updated cache).
+
+        `kernel`: this layer's `step_kernel()`, made once before a decoding loop, so that the
+        projections of x_t read their weights in one matmul (the same numbers as without it).
+        """
+        dtype = self.dtype or x_t.dtype
+        q, k, v, f, gate, b, w = self._step_projections(x_t, kernel)
+        if self._decode_path(dtype) == "fused":
+            return self._fused_step((q, k, v, f, b, w, gate), cache, dtype)
+        q, cq = self.q_conv1d.step(q, cache.conv_q)
+        k, ck = self.k_conv1d.step(k, cache.conv_k)
+        v, cv = self.v_conv1d.step(v, cache.conv_v)
         q, k, v = self._qkv(q, k, v)
-        g, b, w = self.gates(x_t)
+        g, b, w = self._gates(f, b, w, dtype)
         o, S = sharded.gated_delta_rule2_step(
             q, k, v, g, b, w, cache.S,
             use_qk_l2norm=True,
             backend=self.recurrent_backend,
             interpret=self.interpret,
         )  # fmt: skip
-        return self._output(o, x_t), GDN2Cache(cq, ck, cv, S)
+        return self._output(o, gate), GDN2Cache(cq, ck, cv, S)
 
-    def _fused_step(self, x_t, cache: GDN2Cache):
-        """`step` with everything between the projections in one kernel (same numbers)."""
+    def _fused_step(self, projections, cache: GDN2Cache, dtype):
+        """`step` with everything between the projections (q, k, v, f, b, w, g_proj(x_t)) in
+        one kernel (same numbers)."""
         kernel = core.pallas_kernel("pallas_kernels", "fused_decode_step")
         shape_cls = core.pallas_kernel("pallas_kernels", "DecodeShape")
-        dtype = self.dtype or x_t.dtype
-        f = self.f_proj(x_t)
-        projections = (self.q_proj(x_t), self.k_proj(x_t), self.v_proj(x_t), f,
-                       self.b_proj(x_t), self.w_proj(x_t), self.g_proj(x_t))  # fmt: skip
         shape = shape_cls(
             H=self.num_heads, HV=self.num_v_heads, K=self.head_dim, V=self.head_v_dim,
             W=self.q_conv1d.kernel_size, scale=self.head_dim**-0.5,

@@ -4,6 +4,7 @@ Every parameter carries logical axis names ("vocab", "embed", "heads", "mlp", "c
 None) so that a training script can map them onto a mesh with `nnx.logical_axis_rules`.
 """
 
+import itertools
 import math
 
 import jax
@@ -70,6 +71,36 @@ def dense(
         bias_init=partitioned(jax.nn.initializers.zeros, (axes[1],)),
         rngs=rngs,
     )
+
+
+def concat_kernels(linears) -> jax.Array:
+    """The kernels of bias-free linears that read one input, side by side on the output axis.
+
+    Decoding concatenates them once, before its loop: `apply_concat` then reads the weights in
+    one matmul, where XLA's DotMerger would concatenate them anew in every step.
+    """
+    first = linears[0]
+    for lin in linears:
+        if lin.bias is not None or lin.in_features != first.in_features:
+            raise ValueError("concat_kernels takes bias-free linears of one input width")
+        if (lin.dtype, lin.precision) != (first.dtype, first.precision):
+            raise ValueError("concat_kernels takes linears of one dtype and precision")
+    return jnp.concatenate([lin.kernel[...] for lin in linears], axis=1)
+
+
+def apply_concat(linears, kernel: jax.Array, x: jax.Array) -> list[jax.Array]:
+    """[lin(x) for lin in linears] by one matmul against `kernel` (their `concat_kernels`), with
+    the dtype promotion and precision of `nnx.Linear`."""
+    first = linears[0]
+    x, kernel, _ = first.promote_dtype((x, kernel, None), dtype=first.dtype)
+    extra = {}
+    if first.preferred_element_type is not None:
+        extra["preferred_element_type"] = first.preferred_element_type
+    y = first.dot_general(
+        x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=first.precision, **extra
+    )
+    offsets = list(itertools.accumulate(lin.out_features for lin in linears))[:-1]
+    return jnp.split(y, offsets, axis=-1)
 
 
 def conv_bound(kernel_size: int) -> float:
