@@ -36,8 +36,8 @@ REMAT_POLICIES = {
 
 
 class StepKernels(NamedTuple):
-    """A block's concatenated projection kernels for decoding: the GDN-2 mixer's inputs (None
-    for attention) and the MLP's w1 and w2."""
+    """A block's concatenated projection kernels for decoding: the mixer's projections of its
+    input (GDN-2's seven, attention's q, k, v) and the MLP's w1 and w2."""
 
     mixer: jax.Array | None
     mlp: jax.Array | None
@@ -81,16 +81,11 @@ class Block(nnx.Module):
 
     def step_kernels(self) -> StepKernels:
         """The concatenated projection kernels of `step` (see `CausalLM.step_kernels`)."""
-        mixer = self.mixer.step_kernel() if self.kind == "gdn2" else None
-        return StepKernels(mixer, self.mlp.step_kernel())
+        return StepKernels(self.mixer.step_kernel(), self.mlp.step_kernel())
 
     def step(self, x_t, cache, kernels: StepKernels | None = None):
         kernels = kernels or StepKernels(None, None)
-        x = self.norm_1(x_t)
-        if kernels.mixer is None:
-            h, cache = self.mixer.step(x, cache)
-        else:
-            h, cache = self.mixer.step(x, cache, kernel=kernels.mixer)
+        h, cache = self.mixer.step(self.norm_1(x_t), cache, kernel=kernels.mixer)
         x_t = x_t + h
         return x_t + self.mlp(self.norm_2(x_t), kernel=kernels.mlp), cache
 

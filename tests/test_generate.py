@@ -240,8 +240,9 @@ def test_min_decode_rows_pads_the_step_not_the_tokens(preset):
 @pytest.mark.parametrize("preset", ["tiny", "tiny-hybrid"], ids=["recurrent", "hybrid"])
 def test_concat_projections_gives_the_same_tokens_with_fewer_matmuls(preset):
     """Kernels concatenated once before the loop: the decoding program's matmuls drop by 7 per
-    GDN-2 block (its 7 input projections and the MLP's w1, w2 become 2) and 1 per attention
-    block (w1, w2); greedy and sampled tokens, streamed or not, are those without."""
+    GDN-2 block (its 7 input projections and the MLP's w1, w2 become 2) and 3 per attention
+    block (q, k, v and w1, w2 become 2); greedy and sampled tokens, streamed or not, are those
+    without."""
     cfg = ModelConfig.preset(preset)
     model = CausalLM(cfg, rngs=nnx.Rngs(4))
     prompt = _tokens(2, 7, cfg.vocab_size, seed=6)
@@ -264,7 +265,7 @@ def test_concat_projections_gives_the_same_tokens_with_fewer_matmuls(preset):
         for gen in (apart, together)
     ]  # fmt: skip
     gdn2 = cfg.block_pattern.count("gdn2")
-    assert dots[0] - dots[1] == 7 * gdn2 + (len(cfg.block_pattern) - gdn2)
+    assert dots[0] - dots[1] == 7 * gdn2 + 3 * (len(cfg.block_pattern) - gdn2)
 
 
 LOGITS = jnp.log(jnp.array([[0.05, 0.4, 0.1, 0.3, 0.15]]))

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gdn2_jax.layers import context
-from gdn2_jax.layers.init import dense, torch_linear_init
+from gdn2_jax.layers.init import apply_concat, concat_kernels, dense, torch_linear_init
 from gdn2_jax.layers.rope import apply_rope
 from gdn2_jax.layers.segments import document_ids
 from gdn2_jax.ops import sharded
@@ -58,12 +58,18 @@ class Attention(nnx.Module):
         kw["init"] = torch_linear_init(out_scale)
         self.o_proj = dense(num_heads * head_dim, hidden_size, ("heads", "embed"), **kw)
 
-    def _qkv(self, x, positions):
-        """x [B, T, hidden] -> q [B, T, H, D], k, v [B, T, H_kv, D], q and k rotated."""
+    def _qkv(self, x, positions, kernel=None):
+        """x [B, T, hidden] -> q [B, T, H, D], k, v [B, T, H_kv, D], q and k rotated; with
+        `kernel` (`step_kernel()`) the three projections are one matmul."""
         B, T, _ = x.shape
-        q = self.q_proj(x).reshape(B, T, self.num_heads, self.head_dim)
-        k = self.k_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)
+        linears = (self.q_proj, self.k_proj, self.v_proj)
+        if kernel is None:
+            q, k, v = (linear(x) for linear in linears)
+        else:
+            q, k, v = apply_concat(linears, kernel, x)
+        q = q.reshape(B, T, self.num_heads, self.head_dim)
+        k = k.reshape(B, T, self.num_kv_heads, self.head_dim)
+        v = v.reshape(B, T, self.num_kv_heads, self.head_dim)
         rope = dict(theta=self.rope_theta, rotary_dim=self.rotary_dim)
         return apply_rope(q, positions, **rope), apply_rope(k, positions, **rope), v
 
@@ -142,12 +148,17 @@ class Attention(nnx.Module):
         v_buf = jnp.where(filled, jnp.take_along_axis(v, take, axis=1), 0)
         return y, KVCache(k_buf, v_buf, t)
 
-    def step(self, x_t, cache: KVCache):
-        """One decoding token: x_t [B, hidden] -> (y_t [B, hidden], cache)."""
+    def step_kernel(self) -> jax.Array:
+        """q, k and v's kernels side by side, made once before a decoding loop for `kernel=`."""
+        return concat_kernels((self.q_proj, self.k_proj, self.v_proj))
+
+    def step(self, x_t, cache: KVCache, *, kernel=None):
+        """One decoding token: x_t [B, hidden] -> (y_t [B, hidden], cache); `kernel`: this
+        layer's `step_kernel()`, to read q, k and v's weights in one matmul (same numbers)."""
         B = x_t.shape[0]
         L = cache.k.shape[1]
         t = cache.t
-        q, k, v = self._qkv(x_t[:, None], t[:, None])
+        q, k, v = self._qkv(x_t[:, None], t[:, None], kernel)
         rows, slot = jnp.arange(B), t % L
         k_buf = cache.k.at[rows, slot].set(k[:, 0].astype(cache.k.dtype))
         v_buf = cache.v.at[rows, slot].set(v[:, 0].astype(cache.v.dtype))
