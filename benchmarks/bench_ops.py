@@ -100,13 +100,16 @@ def _parse_field(field: dataclasses.Field, value: str):
     if field.type is Launch:  # "warps:stages"
         warps, _, stages = value.partition(":")
         return Launch(int(warps), int(stages or 1))
+    if field.type == int | None:
+        return None if value.lower() == "none" else int(value)
     return int(value) if field.type is int else value
 
 
 def parse_config(overrides: str) -> dict:
     """ "structure=split,diag_block_k=32,diag=4:1" -> the ChunkConfig fields it replaces
-    (strings, ints, and launches as warps:stages)."""
-    fields = {f.name: f for f in dataclasses.fields(ChunkConfig) if f.type in (str, int, Launch)}
+    (strings, ints or "none" where the field may be None, and launches as warps:stages)."""
+    kinds = (str, int, int | None, Launch)
+    fields = {f.name: f for f in dataclasses.fields(ChunkConfig) if f.type in kinds}
     out = {}
     for item in filter(None, (x.strip() for x in overrides.split(","))):
         name, sep, value = item.partition("=")

@@ -85,45 +85,66 @@ def _offdiag_scores(
     return tuple(dict(zip(_PAIRS, b, strict=True)) for b in blocks)
 
 
-def _diag_scores(q_ref, k_ref, b_ref, G_ref, bi, h, bh, r0, *, K, scale, precision, put=None):
+def _diag_scores(
+    q_ref, k_ref, b_ref, G_ref, bi, h, bh, r0, *, K, bk, scale, precision, put=None
+):  # fmt: skip
     """A diagonal 16×16 block. Its lower-left 8×8 quadrant is one factored product through the
     boundary n = r0 + 8 (both exponents ≤ 0, as off the diagonal); the two diagonal 8×8
     quadrants go column by column, columns j and j + 8 in one step, masked before the exp.
     Each step's columns go into the returned tiles, or with `put` to put(j, a_col, t_col)
-    (rows < 8 are column j, the rest column j + 8), and the tiles hold only the quadrant."""
+    (rows < 8 are column j, the rest column j + 8), and the tiles hold only the quadrant.
+    With bk < K every product is summed over K slices of bk (fewer live [16, bk] tiles; not
+    with `put`, which stores each column once)."""
     rows = pl.ds(r0, SUB)
-    q = q_ref[bi, rows, h, :].astype(F32) * scale
-    k = k_ref[bi, rows, h, :].astype(F32)
-    bk = b_ref[bi, rows, h, :].astype(F32) * k
-    G = G_ref[bh, rows, :]
-    r_k = iota((SUB, K), 0)
+    r_k = iota((SUB, bk), 0)
     lower = r_k >= HALF
-    Gn = G_ref[bh, r0 + HALF, :][None, :]
-    to_n = jnp.exp(jnp.where(lower, G - Gn, -jnp.inf))
-    kf = k * jnp.exp(jnp.where(lower, -jnp.inf, Gn - G))
-    a_d = mm(q * to_n, kf, precision, tb=True)
-    t_d = mm(bk * to_n, kf, precision, tb=True)
-
     r_1 = iota((SUB,), 0)
     col = iota((SUB, SUB), 1)
     shift_k = jnp.where(lower, HALF, 0)
     shift_1 = jnp.where(r_1 >= HALF, HALF, 0)
 
-    def body(j, carry):
-        a_d, t_d = carry
-        kj = jnp.where(lower, k_ref[bi, r0 + HALF + j, h, :][None, :], k_ref[bi, r0 + j, h, :])
-        Gj = jnp.where(lower, G_ref[bh, r0 + HALF + j, :][None, :], G_ref[bh, r0 + j, :])
-        kE = kj.astype(F32) * jnp.exp(jnp.where(r_k >= j + shift_k, G - Gj, -jnp.inf))
-        c = j + shift_1
-        a_col = jnp.sum(q * kE, axis=1)
-        t_col = jnp.where(r_1 > c, jnp.sum(bk * kE, axis=1), 0.0)
-        if put is not None:
-            put(j, a_col, t_col)
-            return carry
-        here = col == c[:, None]
-        return jnp.where(here, a_col[:, None], a_d), jnp.where(here, t_col[:, None], t_d)
+    def slice_scores(ks, acc):
+        """This K slice's products, added to `acc` (the earlier slices' tiles) unless None."""
+        q = q_ref[bi, rows, h, ks].astype(F32) * scale
+        k = k_ref[bi, rows, h, ks].astype(F32)
+        bk_ = b_ref[bi, rows, h, ks].astype(F32) * k
+        G = G_ref[bh, rows, ks]
+        Gn = G_ref[bh, r0 + HALF, ks][None, :]
+        to_n = jnp.exp(jnp.where(lower, G - Gn, -jnp.inf))
+        kf = k * jnp.exp(jnp.where(lower, -jnp.inf, Gn - G))
+        a_d, t_d = mm(q * to_n, kf, precision, tb=True), mm(bk_ * to_n, kf, precision, tb=True)
+        if acc is not None:
+            a_d, t_d = acc[0] + a_d, acc[1] + t_d
 
-    return jax.lax.fori_loop(0, HALF, body, (a_d, t_d))
+        def body(j, carry):
+            a_d, t_d = carry
+            kj = jnp.where(
+                lower, k_ref[bi, r0 + HALF + j, h, ks][None, :], k_ref[bi, r0 + j, h, ks]
+            )
+            Gj = jnp.where(lower, G_ref[bh, r0 + HALF + j, ks][None, :], G_ref[bh, r0 + j, ks])
+            kE = kj.astype(F32) * jnp.exp(jnp.where(r_k >= j + shift_k, G - Gj, -jnp.inf))
+            c = j + shift_1
+            a_col = jnp.sum(q * kE, axis=1)
+            t_col = jnp.where(r_1 > c, jnp.sum(bk_ * kE, axis=1), 0.0)
+            if put is not None:
+                put(j, a_col, t_col)
+                return carry
+            here = col == c[:, None]
+            a_new, t_new = a_col[:, None], t_col[:, None]
+            if acc is not None:  # the diagonal quadrants hold the earlier slices' sums
+                a_new, t_new = a_d + a_new, t_d + t_new
+            return jnp.where(here, a_new, a_d), jnp.where(here, t_new, t_d)
+
+        return jax.lax.fori_loop(0, HALF, body, (a_d, t_d))
+
+    if bk == K:
+        return slice_scores(slice(None), None)
+
+    def slice_body(kb, acc):
+        return slice_scores(pl.ds(pl.multiple_of(kb * bk, bk), bk), acc)
+
+    zeros = jnp.zeros((SUB, SUB), F32)
+    return jax.lax.fori_loop(0, K // bk, slice_body, (zeros, zeros))
 
 
 def _level_midpoints(G_ref, bh, r0, level, ks):
@@ -274,7 +295,9 @@ def _diag_levels_kernel(q_ref, k_ref, b_ref, G_ref, a_ref, t_ref, *, H, K, bk, s
     )  # fmt: skip
 
 
-def _diag_kernel(q_ref, k_ref, b_ref, G_ref, a_ref, t_ref, *, H, K, scale, precision, columns):
+def _diag_kernel(
+    q_ref, k_ref, b_ref, G_ref, a_ref, t_ref, *, H, K, bk, scale, precision, columns
+):  # fmt: skip
     s, bh = pl.program_id(0), pl.program_id(1)
     r0 = s * SUB
     rows = pl.ds(r0, SUB)
@@ -289,8 +312,9 @@ def _diag_kernel(q_ref, k_ref, b_ref, G_ref, a_ref, t_ref, *, H, K, scale, preci
 
     bi, h = bh // H, bh % H
     a_d, t_d = _diag_scores(
-        q_ref, k_ref, b_ref, G_ref, bi, h, bh, r0, K=K, scale=scale, precision=precision, put=put
-    )
+        q_ref, k_ref, b_ref, G_ref, bi, h, bh, r0, K=K, bk=bk, scale=scale, precision=precision,
+        put=put,
+    )  # fmt: skip
     if columns:
         # Only the off-diagonal quadrants: the diagonal ones are the columns already stored.
         r, c = iota((SUB, SUB), 0), iota((SUB, SUB), 1)
@@ -333,14 +357,16 @@ def chunk_diag(q, k, b, G, *, scale, cfg: ChunkConfig, num: Numerics):
         )  # fmt: skip
         grid = (Tp // SUB, B * H)
     else:
+        bk = K if cfg.diag_loop_block_k is None else min(cfg.diag_loop_block_k, K)
+        if bk < K and cfg.diag_store == "columns":
+            raise ValueError(
+                f"ChunkConfig.diag_loop_block_k={cfg.diag_loop_block_k} < K={K} needs "
+                'diag_store="tile" (a stored column cannot take the later slices\' sums)'
+            )
         kernel = functools.partial(
-            _diag_kernel,
-            H=H,
-            K=K,
-            scale=scale,
-            precision=num.score_precision,
+            _diag_kernel, H=H, K=K, bk=bk, scale=scale, precision=num.score_precision,
             columns=cfg.diag_store == "columns",
-        )
+        )  # fmt: skip
         grid = (Tp // SUB, B * H)
     block = jax.ShapeDtypeStruct((B * H, Tp, SUB), F32)
     return pl.pallas_call(

@@ -83,7 +83,7 @@ def _check_divides(config, tiles, dims: dict[str, int]) -> None:
     owner = type(config).__name__
     for name, dim in tiles:
         tile, size = getattr(config, name), dims[dim]
-        if size % min(tile, size):
+        if tile is not None and size % min(tile, size):
             raise ValueError(f"{owner}.{name}={tile} does not divide {dim}={size}")
 
 
@@ -133,6 +133,10 @@ class ChunkConfig:
     # K slice of diag_blocks="levels": with whole K rows (128) its launch took 255 registers a
     # thread, spilled, and ran at 12.5% occupancy on an H100 (benchmarks/RESULTS.md).
     diag_block_k: int = 32
+    # K slice of the column loop (diag_blocks="loop"); None: whole K rows. The loop at whole K
+    # takes 255 registers and issues in half its cycles at 12% occupancy (H100 ncu,
+    # benchmarks/RESULTS.md): slices hold fewer live tiles at about the same work.
+    diag_loop_block_k: int | None = None
     state_block_v: int = 64  # V columns of the carried state per program (forward state pass)
     state: Launch = Launch(num_warps=4, num_stages=2)
     dstate_block_v: int = 64  # V columns of the carried state gradient (reverse state pass)
@@ -159,6 +163,7 @@ class ChunkConfig:
     TILED = (
         ("intra_block_k", "K"),
         ("diag_block_k", "K"),
+        ("diag_loop_block_k", "K"),
         ("state_block_v", "V"),
         ("dstate_block_v", "V"),
         ("wy_block_k", "K"),

@@ -19,6 +19,8 @@ def test_configs_parse_strings_ints_and_launches():
         "diag": Launch(num_warps=4, num_stages=2),
         "state": Launch(num_warps=8, num_stages=1),
     }
+    assert parse_config("diag_loop_block_k=16") == {"diag_loop_block_k": 16}
+    assert parse_config("diag_loop_block_k=none") == {"diag_loop_block_k": None}
 
 
 @pytest.mark.parametrize(

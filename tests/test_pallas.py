@@ -216,6 +216,41 @@ def test_levels_diagonal_blocks_match_xla_core(structure):
     _assert_core_matches_xla_core(cfg, shape, seed=49, chunk_bounds=(0, 1, 1, 3))
 
 
+@pytest.mark.parametrize("structure", ["fused", "split_prep"])
+def test_k_sliced_column_loop_matches_xla_core(structure):
+    """diag_loop_block_k < K: the column loop's products summed over K slices; extreme gates,
+    packed sequences, both forward structures, every gradient."""
+    cfg = dataclasses.replace(SMALL_TILES, structure=structure, diag_loop_block_k=16)
+    shape = Shape(B=1, T=192, H=2, K=32, V=32)
+    _assert_core_matches_xla_core(cfg, shape, seed=51, chunk_bounds=(0, 1, 1, 3))
+
+
+def test_k_sliced_column_loop_launch_equals_whole_k_rows():
+    """The diagonal launch's outputs with the column loop over two K slices against whole K
+    rows at g down to −80 a token (a slice's sums dropped or counted twice would be off by
+    about one slice's share); and its traced launch loops over the slices."""
+    x = make_inputs(52, Shape(B=1, T=64, H=2, K=32, V=32), extreme=True)
+    q, k, b = (jnp.asarray(x[n]) for n in "qkb")
+    G = jnp.cumsum(jnp.asarray(x["g"]), axis=1).transpose(0, 2, 1, 3).reshape(2, 64, 32)
+    num = numerics_for(jnp.float32, True)
+
+    def diag(block_k):
+        cfg = dataclasses.replace(SMALL_TILES, diag_loop_block_k=block_k)
+        return chunk_diag(q, k, b, G, scale=0.3, cfg=cfg, num=num)
+
+    sliced, whole = diag(16), diag(None)
+    for a, want in zip(sliced, whole, strict=True):
+        assert bool(jnp.all(jnp.isfinite(a)))
+        assert 0.0 < rel_err(a, want) <= 1e-6 or bool(jnp.all(a == want))
+    loops = [str(jax.make_jaxpr(lambda *a, n=n: diag(n))(q)).count("scan[") for n in (16, None)]
+    assert loops[0] == loops[1] + 1, loops
+    with pytest.raises(ValueError, match="diag_loop_block_k"):
+        chunk_diag(
+            q, k, b, G, scale=0.3, num=num,
+            cfg=dataclasses.replace(SMALL_TILES, diag_loop_block_k=16, diag_store="columns"),
+        )  # fmt: skip
+
+
 @pytest.mark.parametrize("block_k", [16, 32], ids=["two_k_slices", "whole_k"])
 def test_levels_diagonal_launch_equals_the_column_loop(block_k):
     """The diagonal launch's two outputs, levels (K in slices of `block_k`) against the column

@@ -153,6 +153,18 @@ def test_lean_launches_production_heads(dtype, monkeypatch):
     _check_production_heads((128, 128), dtype, {"gdn2_chunk_fwd_diag": 1})
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_k_sliced_column_loop_production_heads(dtype, monkeypatch):
+    """The forward diagonal's column loop over K slices of 16 (78 registers against 255),
+    compiled for the GPU under the split prep, against fla's naive recurrence."""
+    cfg = dataclasses.replace(
+        default_chunk_config(dtype), structure="split_prep", diag_inverse="doubling",
+        diag_loop_block_k=16,
+    )  # fmt: skip
+    bind_chunk_config(monkeypatch, cfg)
+    _check_production_heads((128, 128), dtype, {"gdn2_chunk_fwd_diag": 1})
+
+
 def _check_production_heads(dims, dtype, launches):
     """Extreme gates and initial states; `launches` name -> count in the traced program."""
     x = make_inputs(57, Shape(B=2, T=200, H=2, K=dims[0], V=dims[1]), extreme=True)
