@@ -1,7 +1,8 @@
 """Where one decoding step's time goes: every launch of `Generator`'s compiled decode loop, read
-from a `jax.profiler` trace of it.
+from a `jax.profiler` trace of it (with `--prefill`, of its prefill of the prompt instead).
 
     python benchmarks/profile_decode.py --preset gdn2-1.3b --batch 1 --steps 16 --json /tmp/p.json
+    python benchmarks/profile_decode.py --preset gdn2-1.3b --batch 1 --prompt-len 2048 --prefill
     python benchmarks/profile_decode.py --preset tiny --batch 2 --steps 4   # CPU: the ops it runs
 
 The model (bfloat16, random init) prefills a `--prompt-len` prompt, then its decode loop of
@@ -11,6 +12,7 @@ per decoding step: launches, their summed time, the loop's span from the first l
 the last one's end and the idle rest of it (launch gaps, host waits; on a CPU, whose ops overlap
 across threads, it means nothing), then the launches grouped
 by name (digits dropped, so `fusion.12` and `fusion.40` are one row), the costliest first.
+With `--prefill` the same, per prefill (the prompt's forward and its first sample).
 """
 
 import argparse
@@ -60,6 +62,9 @@ def parse_args(argv=None):
         action="store_true",
         help="Generator(concat_projections=False)",
     )
+    parser.add_argument(
+        "--prefill", action="store_true", help="profile the prefill program, not the decode loop"
+    )
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--top", type=int, default=25, help="rows of the grouped table")
     parser.add_argument("--json", help="also write the summary to this file")
@@ -106,6 +111,7 @@ def launches(xplane_path: str, module_prefix: str) -> list[Launch]:
 
 
 def summarize(events: list[Launch], steps: int, top: int) -> dict:
+    """Totals and name groups of the launches, per step (per call of the program if 1)."""
     busy = sum(e.duration_ns for e in events)
     span = max(e.start_ns + e.duration_ns for e in events) - events[0].start_ns
     groups = collections.defaultdict(lambda: [0, 0.0])
@@ -137,10 +143,14 @@ def profile(args) -> dict:
     prompt = jax.random.randint(jax.random.key(1), (B, T), 0, cfg.vocab_size)
     lengths, eos = jnp.full((B,), T, jnp.int32), jnp.full((B,), -1, jnp.int32)
     keys = jax.random.split(jax.random.key(0), args.steps + 1)
-    carry = gen.prefill_fn(
-        gen.state, prompt, lengths, eos, keys[0],
-        max_len=T + args.steps + 1, sampling=gen.sampling, rows=gen.rows(prompt),
-    )  # fmt: skip
+
+    def prefill():
+        return gen.prefill_fn(
+            gen.state, prompt, lengths, eos, keys[0],
+            max_len=T + args.steps + 1, sampling=gen.sampling, rows=gen.rows(prompt),
+        )  # fmt: skip
+
+    carry = prefill()
 
     def decode():
         return gen.decode_fn(
@@ -148,23 +158,30 @@ def profile(args) -> dict:
             min_rows=gen.min_decode_rows,
         )  # fmt: skip
 
-    jax.block_until_ready(decode())  # compile
-    jax.block_until_ready(decode())  # warm
+    # jax names a jitted function's module "jit_" + its name.
+    run, module, per = (prefill, "jit__stream_start", 1) if args.prefill else (
+        decode, "jit__stream_decode", args.steps
+    )  # fmt: skip
+    jax.block_until_ready(run())  # compile
+    jax.block_until_ready(run())  # warm
     with tempfile.TemporaryDirectory() as trace_dir:
         with jax.profiler.trace(trace_dir):
-            jax.block_until_ready(decode())
+            jax.block_until_ready(run())
         (path,) = glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)
-        # jax names a jitted function's module "jit_" + its name.
-        events = launches(path, "jit__stream_decode")
-    summary = summarize(events, args.steps, args.top)
+        events = launches(path, module)
+    summary = summarize(events, per, args.top)
     device = jax.devices()[0].device_kind
-    return {"preset": args.preset, "variant": args.variant, "batch": B, "device": device} | summary
+    unit = "prefill" if args.prefill else "decoding step"
+    return {
+        "preset": args.preset, "variant": args.variant, "batch": B, "device": device,
+        "unit": unit, "prompt_len": T,
+    } | summary  # fmt: skip
 
 
 def print_summary(s: dict) -> None:
     print(f"{s['device']}: {s['preset']} {s['variant'] or 'defaults'}, batch {s['batch']}")
     print(
-        f"per decoding step: {s['launches_per_step']:.0f} launches, {s['busy_us_per_step']:.1f} us "
+        f"per {s['unit']}: {s['launches_per_step']:.0f} launches, {s['busy_us_per_step']:.1f} us "
         f"in them, span {s['span_us_per_step']:.1f} us, idle {s['idle_us_per_step']:.1f} us"
     )
     print(f"{'launch':60s} {'per step':>8s} {'us/step':>9s}")

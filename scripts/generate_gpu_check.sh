@@ -3,8 +3,8 @@
 # tests; the launch-by-launch profile of one 1.3B decoding step at batch 1 with the defaults
 # (two rows for one, no DotMerger, the projections' kernels concatenated once before the loop)
 # and with the projections apart (`--separate-projections`: the 2026-12-07 fourth session's
-# default, 1.886 ms a token on an H100); the generation benchmark at batch 1 and 64 with the
-# projections apart and together side by side.
+# default, 1.886 ms a token on an H100) and of the batch-1 prefill of 2048 tokens; the
+# generation benchmark at batch 1 and 64 with the projections apart and together side by side.
 # Run from the repository root: bash scripts/generate_gpu_check.sh [OUT_DIR]
 # Each part runs even when an earlier one fails; the exit status is non-zero if any failed.
 set -uo pipefail
@@ -24,6 +24,7 @@ timeout 150 python3 -m pytest -q -m gpu tests/test_generate_gpu.py -p no:cachepr
 tail -3 "$out/tests.log"
 profile b1 60 --batch 1
 profile b1_apart 60 --batch 1 --separate-projections
+profile prefill_b1 60 --batch 1 --prompt-len 2048 --prefill  # 27.4 ms against a 15 ms target
 for b in 1 64; do
   timeout 150 python3 benchmarks/bench_generate.py --presets gdn2-1.3b --batches "$b" \
     --concat-projections off on --repeats 2 --no-layers --json "$out/generate_b$b.json" \

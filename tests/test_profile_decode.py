@@ -27,6 +27,22 @@ def test_profile_decode_reads_the_decode_loop_from_a_trace(tmp_path, capsys):
     assert "launches, " in capsys.readouterr().out
 
 
+def test_profile_decode_reads_the_prefill_with_prefill(tmp_path, capsys):
+    """--prefill: the launches of the prefill program (the prompt's chunked forward), once."""
+    import profile_decode
+
+    out = tmp_path / "prefill.json"
+    profile_decode.main(
+        ["--preset", "tiny", "--batch", "2", "--prompt-len", "70", "--prefill",
+         "--dtype", "float32", "--json", str(out)]
+    )  # fmt: skip
+    s = json.loads(out.read_text())
+    assert (s["unit"], s["prompt_len"]) == ("prefill", 70)
+    assert s["busy_us_per_step"] > 0
+    assert sum(g["per_step"] for g in s["groups"] if "dot" in g["name"]) >= 2
+    assert "per prefill: " in capsys.readouterr().out
+
+
 def test_profile_decode_needs_a_positive_step_count():
     import profile_decode
 
