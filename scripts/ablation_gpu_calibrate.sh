@@ -4,7 +4,8 @@
 # that every one reports (its log has the eval curve every `eval_every` steps even when the
 # limit cuts it). The rate whose seeds leave the recall plateau first sets `--lr` for the other
 # variants; a process that finishes writes a gate_ablation.json that `--merge` takes as the
-# gdn2 row of the same configuration.
+# gdn2 row of the same configuration. At 32 rows a process takes ~29 GiB: two fit an H100
+# side by side, three did not (2026-12-07, benchmarks/RESULTS.md); one alone runs ~85 ms a step.
 # Run from the repository root:
 #   bash scripts/ablation_gpu_calibrate.sh [OUT_DIR] [STEPS] [ROWS] [LR ...]
 set -uo pipefail
