@@ -107,6 +107,10 @@ def parse_args(argv=None):
         "--decode-block-v", nargs="+", type=int, default=[],
         help="also time the fused layer step with each DecodeConfig.block_v",
     )  # fmt: skip
+    parser.add_argument(
+        "--decode-warps", nargs="+", type=int, default=[],
+        help="with each --decode-block-v, also each of these warps per program",
+    )  # fmt: skip
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--layer-steps", type=int, default=200 if on_gpu else 4)
     parser.add_argument("--no-fla", action="store_true", help="skip fla's PyTorch layer step")
@@ -212,14 +216,16 @@ def time_generate(
     )
 
 
-def _gdn2_layer(cfg: ModelConfig, decode: str, block_v: int | None = None) -> GatedDeltaRule2:
+def _gdn2_layer(
+    cfg: ModelConfig, decode: str, block_v: int | None = None, warps: int | None = None
+) -> GatedDeltaRule2:
     dtype = jnp.dtype(cfg.dtype)
     return GatedDeltaRule2(
         cfg.hidden_size, cfg.gdn2_num_heads, cfg.gdn2_head_dim,
         expand_v=cfg.gdn2_expand_v, conv_size=cfg.conv_size, output_gate=cfg.output_gate,
         norm_eps=cfg.norm_eps, recurrent_backend=cfg.gdn2_recurrent_backend, decode=decode,
-        decode_block_v=block_v, interpret=cfg.gdn2_interpret, dtype=dtype, param_dtype=dtype,
-        rngs=nnx.Rngs(0),
+        decode_block_v=block_v, decode_warps=warps, interpret=cfg.gdn2_interpret, dtype=dtype,
+        param_dtype=dtype, rngs=nnx.Rngs(0),
     )  # fmt: skip
 
 
@@ -235,15 +241,18 @@ def _loop_us(step, carry, x, steps: int) -> float:
 
 
 def time_layer_steps(
-    cfg: ModelConfig, batch: int, steps: int, block_vs: list[int] = ()
+    cfg: ModelConfig, batch: int, steps: int, block_vs: list[int] = (), warps: list[int] = ()
 ) -> list[LayerRow]:
     """Our whole layer step, unfused and fused (where the fused one runs here; also with each
-    of `block_vs` V columns per program)."""
+    of `block_vs` V columns per program, each with the derived warps and each of `warps`)."""
     x = jax.random.normal(jax.random.key(0), (batch, cfg.hidden_size), jnp.dtype(cfg.dtype))
     rows = []
-    for decode, block_v in [("unfused", None), ("fused", None), *(("fused", b) for b in block_vs)]:
-        layer = _gdn2_layer(cfg, decode, block_v)
+    tiles = [(b, w) for b in block_vs for w in (None, *warps)]
+    for decode, (block_v, w) in [("unfused", (None, None)), ("fused", (None, None)),
+                                 *(("fused", t) for t in tiles)]:  # fmt: skip
+        layer = _gdn2_layer(cfg, decode, block_v, w)
         name = f"ours layer step {decode}" + (f" block_v={block_v}" if block_v else "")
+        name += f" warps={w}" if w else ""
         reason = layer.fused_decode_unsupported(layer.dtype) if decode == "fused" else None
         if reason is not None:
             rows.append(LayerRow(batch, name, None, f"not run: {reason}"))
@@ -282,7 +291,7 @@ def time_layers(cfg: ModelConfig, args) -> list[LayerRow]:
     rows = []
     for batch in args.batches:
         rows += [
-            *time_layer_steps(cfg, batch, args.layer_steps, args.decode_block_v),
+            *time_layer_steps(cfg, batch, args.layer_steps, args.decode_block_v, args.decode_warps),
             time_op_step(cfg, batch, args.layer_steps),
         ]
         if not args.no_fla:
@@ -320,10 +329,10 @@ def print_row(r: Row) -> None:
 
 def print_layer_rows(rows: list[LayerRow]) -> None:
     print("one GDN-2 layer, one token (the preset's first GDN-2 shapes)")
-    print(f"{'B':>3s} {'implementation':38s} {'us/step':>9s}")
+    print(f"{'B':>3s} {'implementation':44s} {'us/step':>9s}")
     for r in rows:
         us = f"{r.step_us:9.1f}" if r.step_us is not None else f"{'-':>9s}"
-        print(f"{r.batch:3d} {r.impl:38s} {us} {r.note}", flush=True)
+        print(f"{r.batch:3d} {r.impl:44s} {us} {r.note}", flush=True)
 
 
 def write_json(path: str | None, rows: list[Row], layer_rows: list[LayerRow]) -> None:

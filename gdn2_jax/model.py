@@ -108,6 +108,7 @@ def _make_mixer(cfg: ModelConfig, kind: str, out_scale: float, rngs: nnx.Rngs):
             recurrent_backend=cfg.gdn2_recurrent_backend,
             decode=cfg.gdn2_decode,
             decode_block_v=cfg.gdn2_decode_block_v,
+            decode_warps=cfg.gdn2_decode_warps,
             chunk_size=cfg.chunk_size,
             interpret=cfg.gdn2_interpret,
             dtype=dt,

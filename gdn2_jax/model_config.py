@@ -56,6 +56,8 @@ class ModelConfig:
     gdn2_decode: Literal[DECODE_MODES] = "auto"
     # V columns of the state per program of the fused step (None: the kernel's default).
     gdn2_decode_block_v: int | None = None
+    # Warps per program of the fused step (None: one per 2048 state elements of its tile).
+    gdn2_decode_warps: int | None = None
     chunk_size: int = 64
     # attention mixers ("swa", "attn")
     attn_num_heads: int = 18

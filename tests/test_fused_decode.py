@@ -1,6 +1,8 @@
 """The fused decoding step (one Pallas kernel per GDN-2 layer, interpret mode on CPU) against the
 unfused step: same outputs and caches, the same greedy tokens, its kernel in the traced program."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -100,6 +102,27 @@ def test_fused_step_tile_limits_name_the_config():
     assert default.fused_decode_unsupported(jnp.float32) is None
     with pytest.raises(ValueError, match="decode_block_v"):
         GatedDeltaRule2(64, 2, 32, decode_block_v=24, rngs=nnx.Rngs(0))
+
+
+def test_decode_warps_reach_the_fused_launch():
+    """`decode_warps` sets the fused step's warps per program (default: derived from the tile),
+    from ModelConfig too; other counts are an error naming the argument."""
+    x = jax.random.normal(jax.random.key(6), (2, 64))
+
+    def warps(**kw):
+        layer = GatedDeltaRule2(
+            64, 2, 32, decode="fused", decode_block_v=16, interpret=True, rngs=nnx.Rngs(0), **kw
+        )
+        cache = layer.init_cache(2)
+        jaxpr = jax.make_jaxpr(lambda x: layer.step(x, cache))(x)
+        return re.findall(r"num_warps=(\d+)", str(jaxpr))
+
+    assert warps(decode_warps=4) == ["4"]
+    assert warps() == ["1"]  # 32 x 16 state elements: one warp of 64 a thread
+    cfg = ModelConfig.preset("tiny", gdn2_decode_warps=2)
+    assert CausalLM(cfg, rngs=nnx.Rngs(0)).blocks[0].mixer.decode_warps == 2
+    with pytest.raises(ValueError, match="decode_warps"):
+        GatedDeltaRule2(64, 2, 32, decode_warps=3, rngs=nnx.Rngs(0))
 
 
 def _decode_logits(model, token, caches):

@@ -122,8 +122,8 @@ class GatedDeltaRule2(nnx.Module):
     `decode` the decoding `step`'s: "fused" (everything between the projection matmuls in one
     Pallas kernel, `pallas_kernels.decode`), "unfused" (XLA ops around the token-serial op) or
     "auto" (the default: fused where it can run, else unfused; `fused_decode_unsupported` says
-    why not); `decode_block_v` the V columns of the state per program of the fused step (None:
-    `pallas_kernels.DEFAULT_DECODE_CONFIG`'s);
+    why not); `decode_block_v` the V columns of the state per program of the fused step and
+    `decode_warps` its warps per program (None: `pallas_kernels.DEFAULT_DECODE_CONFIG`'s);
     `interpret=True` runs Pallas kernels in interpret mode (tests off a GPU).
     """
 
@@ -145,6 +145,7 @@ class GatedDeltaRule2(nnx.Module):
         recurrent_backend: str = "auto",
         decode: str = "auto",
         decode_block_v: int | None = None,
+        decode_warps: int | None = None,
         chunk_size: int = 64,
         interpret: bool = False,
         dtype=None,
@@ -168,7 +169,9 @@ class GatedDeltaRule2(nnx.Module):
             raise ValueError(
                 f"decode_block_v must be None or a power of two >= 16, got {decode_block_v}"
             )
-        self.decode_block_v = decode_block_v
+        if decode_warps is not None and decode_warps not in (1, 2, 4, 8):
+            raise ValueError(f"decode_warps must be None or 1, 2, 4 or 8, got {decode_warps}")
+        self.decode_block_v, self.decode_warps = decode_block_v, decode_warps
         self.output_gate = output_gate
         self.chunk_size, self.interpret, self.dtype = chunk_size, interpret, dtype
         self.deterministic = False
@@ -394,10 +397,13 @@ class GatedDeltaRule2(nnx.Module):
         return unsupported(*dims, (jnp.dtype(dtype),), cfg=self._decode_config())
 
     def _decode_config(self):
-        default = core.pallas_kernel("pallas_kernels", "DEFAULT_DECODE_CONFIG")
-        if self.decode_block_v is None:
-            return default
-        return dataclasses.replace(default, block_v=self.decode_block_v)
+        cfg = core.pallas_kernel("pallas_kernels", "DEFAULT_DECODE_CONFIG")
+        if self.decode_block_v is not None:
+            cfg = dataclasses.replace(cfg, block_v=self.decode_block_v)
+        if self.decode_warps is not None:
+            launch = core.pallas_kernel("pallas_kernels", "Launch")
+            cfg = dataclasses.replace(cfg, launch=launch(num_warps=self.decode_warps))
+        return cfg
 
     def _decode_path(self, dtype) -> str:
         if self.decode == "unfused":
