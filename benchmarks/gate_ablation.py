@@ -69,9 +69,10 @@ def config_from(args: argparse.Namespace) -> ablation.AblationConfig:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True
-    )
+    logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    # A level on the library's logger, not a new root handler: basicConfig is a no-op once
+    # JAX has installed one, and a forced handler would outlive a caller's stderr (pytest's).
+    logging.getLogger("gdn2_jax").setLevel(logging.INFO)
     try:
         if args.merge:
             results = ablation.merge([json.loads(p.read_text()) for p in args.merge])
