@@ -122,20 +122,18 @@ def _pad_rows(tree, rows: int):
     return jax.tree.map(pad, tree)
 
 
-def _decode(model, carry, keys, eos, pad, *, sampling, min_rows, concat):
+def _decode(model, carry, keys, eos, pad, kernels, *, sampling, min_rows):
     """len(keys) decoding steps from carry = (token, caches, done) -> (carry, tokens [B, n]).
 
     A finished row (it emitted its eos) keeps stepping with its last token, masked: it emits
     pad. The loop is a scan of static length, so the device never waits on the host. The model
     steps at least `min_rows` rows (copies of the last; see `Generator`); sampling sees the B
-    real rows only, so the tokens and random draws are those of the B rows alone. With
-    `concat`, the projection kernels are concatenated once, before the loop
-    (`CausalLM.step_kernels`).
+    real rows only, so the tokens and random draws are those of the B rows alone. `kernels`:
+    the model's `step_kernels()`, made before the loop, or None (projections apart).
     """
     token, caches, done = carry
     B = token.shape[0]
     rows = max(B, min_rows)
-    kernels = model.step_kernels() if concat else None
 
     def body(carry, key_t):
         token, caches, done = carry
@@ -168,8 +166,9 @@ def _generate(
     carry = _start(
         model, prompt, lengths, eos, keys[0], max_len=max_len, sampling=sampling, rows=rows
     )
+    kernels = model.step_kernels() if concat else None
     _, rest = _decode(
-        model, carry, keys[1:], eos, pad, sampling=sampling, min_rows=min_rows, concat=concat
+        model, carry, keys[1:], eos, pad, kernels, sampling=sampling, min_rows=min_rows
     )
     return _assemble(prompt, lengths, jnp.concatenate([carry[0][:, None], rest], axis=1), pad)
 
@@ -179,11 +178,18 @@ def _stream_start(graphdef, state, prompt, lengths, eos, key, *, max_len, sampli
     return _start(model, prompt, lengths, eos, key, max_len=max_len, sampling=sampling, rows=rows)
 
 
-def _stream_decode(graphdef, state, carry, keys, eos, pad, *, sampling, min_rows, concat):
+def _stream_decode(
+    graphdef, state, carry, keys, eos, pad, kernels=None, *, sampling, min_rows, concat
+):  # fmt: skip
+    """Decoding steps; `kernels` (from the kernels program) saves making them in each call."""
     model = nnx.merge(graphdef, state)
-    return _decode(
-        model, carry, keys, eos, pad, sampling=sampling, min_rows=min_rows, concat=concat
-    )
+    if kernels is None and concat:
+        kernels = model.step_kernels()
+    return _decode(model, carry, keys, eos, pad, kernels, sampling=sampling, min_rows=min_rows)
+
+
+def _step_kernels(graphdef, state):
+    return nnx.merge(graphdef, state).step_kernels()
 
 
 # XLA's DotMerger turns matmuls that share an input (a layer's q, k, v, gate projections) into
@@ -198,12 +204,15 @@ NO_DOT_MERGER = {"xla_gpu_dot_merger_threshold_mb": 0}
 @functools.lru_cache(maxsize=8)
 def _programs(graphdef, merge_dots: bool = False, concat_projections: bool = True):
     """The jitted programs of one model structure, shared by every `Generator` of it (so that
-    `generate`, which builds one per call, hashes the graph once and compiles once per shape)."""
+    `generate`, which builds one per call, hashes the graph once and compiles once per shape):
+    the step kernels (None without `concat_projections`), generation, prefill, decode steps."""
     run = functools.partial(_generate, graphdef, concat=concat_projections)
     start = functools.partial(_stream_start, graphdef)
     decode = functools.partial(_stream_decode, graphdef, concat=concat_projections)
     options = None if merge_dots else NO_DOT_MERGER
+    kernels = jax.jit(functools.partial(_step_kernels, graphdef)) if concat_projections else None
     return (
+        kernels,
         jax.jit(
             run, static_argnames=("max_new_tokens", "sampling", "rows", "min_rows"),
             compiler_options=options,
@@ -315,7 +324,9 @@ class Generator:
         graphdef, self.state = nnx.split(model)
         # The jitted pieces over (state, ...): whole generation, prefill + first sample, decode
         # steps; `benchmarks/bench_generate.py` times them apart.
-        self.generate_fn, self.prefill_fn, self.decode_fn = _programs(
+        # `kernels_fn` (None without concat_projections) makes the concatenated projection
+        # kernels that `stream` passes to each of its decode calls.
+        self.kernels_fn, self.generate_fn, self.prefill_fn, self.decode_fn = _programs(
             graphdef, bool(merge_dots), bool(concat_projections)
         )
 
@@ -353,12 +364,14 @@ class Generator:
             max_len=max_len, sampling=self.sampling, rows=self.rows(batch.prompt),
         )  # fmt: skip
         yield np.asarray(carry[0])[:, None]
+        # Made once for the whole stream (each decode call would otherwise concatenate them).
+        kernels = None if self.kernels_fn is None else self.kernels_fn(self.state)
         for start in range(1, max_new_tokens, every):
             if bool(np.asarray(carry[2]).all()):
                 return
             block = keys[start : start + every]
             carry, tokens = self.decode_fn(
-                self.state, carry, block, batch.eos, batch.pad, sampling=self.sampling,
+                self.state, carry, block, batch.eos, batch.pad, kernels, sampling=self.sampling,
                 min_rows=self.min_decode_rows,
             )  # fmt: skip
             yield np.asarray(tokens)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gdn2_jax.layers import context
-from gdn2_jax.layers.init import apply_concat, concat_kernels, dense, torch_linear_init
+from gdn2_jax.layers.init import concat_kernels, dense, project, torch_linear_init
 from gdn2_jax.layers.rope import apply_rope
 from gdn2_jax.layers.segments import document_ids
 from gdn2_jax.ops import sharded
@@ -62,11 +62,7 @@ class Attention(nnx.Module):
         """x [B, T, hidden] -> q [B, T, H, D], k, v [B, T, H_kv, D], q and k rotated; with
         `kernel` (`step_kernel()`) the three projections are one matmul."""
         B, T, _ = x.shape
-        linears = (self.q_proj, self.k_proj, self.v_proj)
-        if kernel is None:
-            q, k, v = (linear(x) for linear in linears)
-        else:
-            q, k, v = apply_concat(linears, kernel, x)
+        q, k, v = project((self.q_proj, self.k_proj, self.v_proj), x, kernel)
         q = q.reshape(B, T, self.num_heads, self.head_dim)
         k = k.reshape(B, T, self.num_kv_heads, self.head_dim)
         v = v.reshape(B, T, self.num_kv_heads, self.head_dim)

@@ -17,10 +17,10 @@ from gdn2_jax.layers import context
 from gdn2_jax.layers.conv import ShortConvolution
 from gdn2_jax.layers.init import (
     GDN2_LINEAR_INIT,
-    apply_concat,
     concat_kernels,
     dense,
     partitioned,
+    project,
 )
 from gdn2_jax.layers.norm import GatedRMSNorm
 from gdn2_jax.layers.segments import segment_starts
@@ -428,12 +428,7 @@ class GatedDeltaRule2(nnx.Module):
     def _step_projections(self, x_t, kernel):
         """x_t -> q, k, v, f_proj(x_t), g_proj(x_t), b_proj(x_t), w_proj(x_t) (None for tied
         gates); the projections that read x_t as one matmul against `kernel` if given."""
-        linears = self._input_linears()
-        if kernel is None:
-            outs = [linear(x_t) for linear in linears]
-        else:
-            outs = apply_concat(linears, kernel, x_t)
-        q, k, v, f, gate, b, *w = outs
+        q, k, v, f, gate, b, *w = project(self._input_linears(), x_t, kernel)
         f, gate = self.f_proj.layers[1](f), self.g_proj.layers[1](gate)
         return q, k, v, f, gate, b, (w[0] if w else None)
 

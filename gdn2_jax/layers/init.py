@@ -76,7 +76,7 @@ def dense(
 def concat_kernels(linears) -> jax.Array:
     """The kernels of bias-free linears that read one input, side by side on the output axis.
 
-    Decoding concatenates them once, before its loop: `apply_concat` then reads the weights in
+    Decoding concatenates them once, before its loop: `project` then reads the weights in
     one matmul, where XLA's DotMerger would concatenate them anew in every step.
     """
     first = linears[0]
@@ -88,9 +88,11 @@ def concat_kernels(linears) -> jax.Array:
     return jnp.concatenate([lin.kernel[...] for lin in linears], axis=1)
 
 
-def apply_concat(linears, kernel: jax.Array, x: jax.Array) -> list[jax.Array]:
-    """[lin(x) for lin in linears] by one matmul against `kernel` (their `concat_kernels`), with
+def project(linears, x: jax.Array, kernel: jax.Array | None = None) -> list[jax.Array]:
+    """[lin(x) for lin in linears]; with `kernel` (their `concat_kernels`) by one matmul, with
     the dtype promotion and precision of `nnx.Linear`."""
+    if kernel is None:
+        return [linear(x) for linear in linears]
     first = linears[0]
     x, kernel, _ = first.promote_dtype((x, kernel, None), dtype=first.dtype)
     extra = {}

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gdn2_jax.layers.init import apply_concat, concat_kernels, dense, torch_linear_init
+from gdn2_jax.layers.init import concat_kernels, dense, project, torch_linear_init
 
 
 class SwiGLU(nnx.Module):
@@ -43,8 +43,5 @@ class SwiGLU(nnx.Module):
 
     def __call__(self, x, *, kernel=None):
         """`kernel`: `step_kernel()`, to read w1 and w2 in one matmul (the same numbers)."""
-        if kernel is None:
-            gate, up = self.w1(x), self.w2(x)
-        else:
-            gate, up = apply_concat((self.w1, self.w2), kernel, x)
+        gate, up = project((self.w1, self.w2), x, kernel)
         return self.w3(jax.nn.silu(gate) * up)
