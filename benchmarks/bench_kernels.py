@@ -52,9 +52,11 @@ SPLIT_PARTS = ("fwd solve", "fwd wy", "fwd states", "fwd output+save")
 # Per stage: the config fields it reads, and values to try for them.
 SWEEP = {
     "fwd diag": [{"diag_grid": "token", "diag": Launch(w, 1)} for w in (1, 2, 4)]
-    + [{"diag_store": "columns"}]
+    + [{"diag_store": "columns", "diag_loop_block_k": None}]
     + [
+        # A stored column cannot take later K slices' sums: columns run whole K rows.
         {"diag": Launch(w, s), "diag_store": store}
+        | ({"diag_loop_block_k": None} if store == "columns" else {})
         for w, s in [(2, 2), (2, 3), (1, 1), (4, 1), (4, 3)]
         for store in ("columns", "tile")
     ],

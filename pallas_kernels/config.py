@@ -136,7 +136,8 @@ class ChunkConfig:
     # K slice of the column loop (diag_blocks="loop"); None: whole K rows. The loop at whole K
     # takes 255 registers and issues in half its cycles at 12% occupancy (H100 ncu,
     # benchmarks/RESULTS.md): slices hold fewer live tiles at about the same work.
-    diag_loop_block_k: int | None = None
+    # 32: the launch 391 against 477 us at whole K, 533 at 16 (H100 ncu, 4x4096, 2026-12-07).
+    diag_loop_block_k: int | None = 32
     state_block_v: int = 64  # V columns of the carried state per program (forward state pass)
     state: Launch = Launch(num_warps=4, num_stages=2)
     dstate_block_v: int = 64  # V columns of the carried state gradient (reverse state pass)
@@ -152,8 +153,10 @@ class ChunkConfig:
     # The forward's launch structure (STRUCTURES). With the prep split, `intra` launches the
     # scores and the solve alone and `aux_block` tiles the WY apply's columns; with the output
     # split, `state` launches the state-only pass.
-    structure: str = "fused"
-    diag_inverse: str = "substitution"  # DIAG_INVERSES (the split solve launch)
+    # split_prep with the doubling inverse: forward 1.84 against 2.42 ms, forward+backward 5.76
+    # against 6.65 with the fused structure at 4x4096 in bf16 on an H100 (benchmarks/RESULTS.md).
+    structure: str = "split_prep"
+    diag_inverse: str = "doubling"  # DIAG_INVERSES (the split solve launch)
     solve_scores: str = "joint"  # SOLVE_SCORES (the split solve launch)
     wy_apply: Launch = Launch(num_warps=4, num_stages=2)  # U, Y, Q_γ, K_tail per column tile
     output_block_v: int = 64  # V columns per output program (clipped as the state tile is)
@@ -245,9 +248,13 @@ class RecurrentConfig:
 DEFAULT_CHUNK_CONFIG = ChunkConfig()
 # float32 tiles are twice the bytes: the state passes' multi-stage pipelines would ask for more
 # shared memory than an H100 has (262 KB requested, 227 KB available).
-# The intra tiles stay as they were before the bf16 tuning, which was not measured in float32.
+# The intra tiles and the forward's structure stay as they were before the bf16 tuning, which
+# was not timed in float32.
 FLOAT32_CHUNK_CONFIG = dataclasses.replace(
     DEFAULT_CHUNK_CONFIG,
+    structure="fused",
+    diag_inverse="substitution",
+    diag_loop_block_k=None,
     state=Launch(4, 1),
     dstate=Launch(4, 1),
     intra=Launch(4, 1),

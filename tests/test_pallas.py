@@ -18,7 +18,7 @@ from testing import kernel_launches, kernel_names
 
 import pallas_kernels
 from gdn2_jax.crosscheck import NAMES, Shape, make_inputs, rel_err
-from gdn2_jax.ops import gated_delta_rule2_recurrent, gated_delta_rule2_step
+from gdn2_jax.ops import gated_delta_rule2, gated_delta_rule2_recurrent, gated_delta_rule2_step
 from gdn2_jax.ops.core import xla_chunk_core
 from gdn2_jax.ops.layout import dense_segments, packed_segments
 from pallas_kernels import (
@@ -344,3 +344,33 @@ def test_recurrent_backend_names_are_checked():
     args = [jnp.asarray(x[n]) for n in NAMES[:6]]
     with pytest.raises(ValueError, match="backend"):
         gated_delta_rule2_recurrent(*args, backend="xla")
+
+
+def test_sixteen_bit_inputs_run_the_split_prep_launches():
+    """bf16 inputs take the 16-bit default (the prep split, the diagonal column loop over K
+    slices of 32), float32 inputs the fused forward; both close to the float32 XLA op."""
+    x = make_inputs(58, Shape(B=1, T=64, H=2, K=64, V=64))
+    f32 = [jnp.asarray(x[n]) for n in NAMES[:6]]
+    bf16 = [a if n == "g" else a.astype(jnp.bfloat16) for n, a in zip(NAMES[:6], f32, strict=True)]
+
+    def op(*a):
+        return gated_delta_rule2(*a, backend="pallas", interpret=True)
+
+    def core_scans(cfg):
+        h0s = jnp.zeros((2, 1, 2, 64, 64), jnp.float32)
+        core = functools.partial(pallas_chunk_core, cfg=cfg, interpret=True)
+        jaxpr = jax.make_jaxpr(lambda *a: core(*a, h0s, dense_segments(1), 0.125, 64))(*bf16)
+        return str(jaxpr).count("scan[")
+
+    launches = {**SPLIT_FORWARD, "gdn2_chunk_fwd_states": 0, "gdn2_chunk_fwd_state": 1}
+    names = kernel_names(op, *bf16)
+    assert {n: names.get(n, 0) for n in launches} == launches
+    # The op's launches loop as the default's do, one loop more than with whole K rows.
+    whole_k = dataclasses.replace(DEFAULT_CHUNK_CONFIG, diag_loop_block_k=None)
+    op_scans = str(jax.make_jaxpr(op)(*bf16)).count("scan[")
+    assert op_scans == core_scans(DEFAULT_CHUNK_CONFIG) == core_scans(whole_k) + 1
+    assert kernel_names(op, *f32)["gdn2_chunk_fwd_intra"] == 1
+    want = gated_delta_rule2(*f32, backend="xla")[0]
+    # bf16 inputs and output: each rounding is ~4e-3 relative.
+    assert rel_err(op(*bf16)[0].astype(jnp.float32), want) <= 2e-2
+    assert rel_err(op(*f32)[0], want) <= 1e-5

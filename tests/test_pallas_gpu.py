@@ -106,7 +106,9 @@ def test_packed_bfloat16_matches_separate_runs():
 
 
 # The split forward with every new option; the backward is the fused structure's.
-SPLIT_ALL = dict(structure="split", diag_store="columns", diag_inverse="doubling")
+SPLIT_ALL = dict(
+    structure="split", diag_store="columns", diag_inverse="doubling", diag_loop_block_k=None
+)
 
 
 @pytest.fixture
