@@ -142,10 +142,10 @@ def test_token_diagonal_grid_production_heads(dtype, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_lean_launches_production_heads(dtype, monkeypatch):
-    """The configuration of fewer registers a launch (`scripts/kernels_gpu_check.sh`'s
-    "leaner"): the levels diagonal at K slices of 16 on 4 warps, the split solve's score blocks
-    in two K loops of 16, the backward's diagonal on 4 warps and intra K tile of 32; compiled
-    for the GPU under the split prep, against fla's naive recurrence."""
+    """A configuration of fewer registers a launch: the levels diagonal at K slices of 16 on 4
+    warps, the split solve's score blocks in two K loops of 16, the backward's diagonal on 4
+    warps and intra K tile of 32; compiled for the GPU under the split prep, against fla's
+    naive recurrence."""
     cfg = dataclasses.replace(
         default_chunk_config(dtype), structure="split_prep", diag_inverse="doubling",
         diag_blocks="levels", diag_block_k=16, diag=Launch(4, 1), intra_block_k=16,
