@@ -49,16 +49,16 @@ PARTS = ("fwd diag", "fwd state")  # not added to the total
 # The split forward's launches, each alone (parts of "fwd intra" and "fwd state+save").
 SPLIT_PARTS = ("fwd solve", "fwd wy", "fwd states", "fwd output+save")
 
+# A stored column cannot take later K slices' sums: stored columns run whole K rows.
+STORE_COLUMNS = {"diag_store": "columns", "diag_loop_block_k": None}
 # Per stage: the config fields it reads, and values to try for them.
 SWEEP = {
     "fwd diag": [{"diag_grid": "token", "diag": Launch(w, 1)} for w in (1, 2, 4)]
-    + [{"diag_store": "columns", "diag_loop_block_k": None}]
+    + [STORE_COLUMNS]
     + [
-        # A stored column cannot take later K slices' sums: columns run whole K rows.
-        {"diag": Launch(w, s), "diag_store": store}
-        | ({"diag_loop_block_k": None} if store == "columns" else {})
+        {"diag": Launch(w, s), **store}
         for w, s in [(2, 2), (2, 3), (1, 1), (4, 1), (4, 3)]
-        for store in ("columns", "tile")
+        for store in (STORE_COLUMNS, {"diag_store": "tile"})
     ],
     "fwd solve": [
         {"diag_inverse": "doubling"},
