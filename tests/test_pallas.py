@@ -348,7 +348,8 @@ def test_recurrent_backend_names_are_checked():
 
 def test_sixteen_bit_inputs_run_the_split_prep_launches():
     """bf16 inputs take the 16-bit default (the prep split, the diagonal column loop over K
-    slices of 32), float32 inputs the fused forward; both close to the float32 XLA op."""
+    slices of 32), float32 inputs the fused forward; outputs and every input gradient of both
+    close to the float32 XLA op's."""
     x = make_inputs(58, Shape(B=1, T=64, H=2, K=64, V=64))
     f32 = [jnp.asarray(x[n]) for n in NAMES[:6]]
     bf16 = [a if n == "g" else a.astype(jnp.bfloat16) for n, a in zip(NAMES[:6], f32, strict=True)]
@@ -370,7 +371,15 @@ def test_sixteen_bit_inputs_run_the_split_prep_launches():
     op_scans = str(jax.make_jaxpr(op)(*bf16)).count("scan[")
     assert op_scans == core_scans(DEFAULT_CHUNK_CONFIG) == core_scans(whole_k) + 1
     assert kernel_names(op, *f32)["gdn2_chunk_fwd_intra"] == 1
-    want = gated_delta_rule2(*f32, backend="xla")[0]
-    # bf16 inputs and output: each rounding is ~4e-3 relative.
-    assert rel_err(op(*bf16)[0].astype(jnp.float32), want) <= 2e-2
-    assert rel_err(op(*f32)[0], want) <= 1e-5
+    cot = jnp.asarray(np.random.default_rng(59).standard_normal(x["v"].shape), jnp.float32)
+
+    def out_and_grads(fn, args):
+        out, vjp = jax.vjp(lambda *a: fn(*a)[0].astype(jnp.float32), *args)
+        return (out, *vjp(cot))
+
+    want = out_and_grads(lambda *a: gated_delta_rule2(*a, backend="xla"), f32)
+    # bf16 inputs, output and gradients: each rounding is ~4e-3 relative.
+    for name, a, b in zip(("o", *NAMES[:6]), out_and_grads(op, bf16), want, strict=True):
+        assert rel_err(a.astype(jnp.float32), b) <= 2e-2, name
+    for name, a, b in zip(("o", *NAMES[:6]), out_and_grads(op, f32), want, strict=True):
+        assert rel_err(a, b) <= 1e-5, name
