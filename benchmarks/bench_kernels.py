@@ -60,13 +60,26 @@ SWEEP = {
         for w, s in [(2, 2), (2, 3), (1, 1), (4, 1), (4, 3)]
         for store in (STORE_COLUMNS, {"diag_store": "tile"})
     ],
+    # The default solve (doubling, 2 warps, K slices of 32, joint scores) spills 648 B a thread;
+    # apart scores 96 B, slices of 16 32 B (kernel_resources.py).
     "fwd solve": [
-        {"diag_inverse": "doubling"},
-        {"diag_inverse": "doubling", "solve": "tf32x3"},
-        {"diag_inverse": "doubling", "solve": "tf32"},
+        {"diag_inverse": "substitution"},
+        {"solve": "tf32x3"},
         {"solve": "tf32"},
+        {"solve_scores": "apart"},
+        {"intra_block_k": 16},
+        {"intra_block_k": 16, "solve_scores": "apart"},
+        {"solve_scores": "apart", "solve": "tf32"},
     ]
-    + [{"intra": Launch(w, 1), "intra_block_k": bk} for w, bk in [(4, 32), (1, 32), (2, 64)]],
+    + [
+        {"intra": Launch(w, 1), "intra_block_k": bk, "solve_scores": scores}
+        for w, bk, scores in [
+            (4, 32, "joint"),
+            (4, 32, "apart"),
+            (1, 32, "joint"),
+            (2, 64, "apart"),
+        ]
+    ],
     "fwd wy": [
         {"wy_apply": Launch(w, s), "aux_block": bk}
         for w, s, bk in [(4, 1, 64), (4, 3, 64), (8, 2, 64), (2, 2, 64), (4, 2, 32), (4, 2, 128)]
