@@ -61,7 +61,7 @@ SWEEP = {
         for store in (STORE_COLUMNS, {"diag_store": "tile"})
     ],
     # The default solve (doubling, 2 warps, K slices of 32, joint scores) spills 648 B a thread;
-    # apart scores 96 B, slices of 16 32 B (kernel_resources.py).
+    # apart scores 96 B, slices of 16 32 B, pairs none (kernel_resources.py).
     "fwd solve": [
         {"diag_inverse": "substitution"},
         {"solve": "tf32x3"},
@@ -70,6 +70,9 @@ SWEEP = {
         {"intra_block_k": 16},
         {"intra_block_k": 16, "solve_scores": "apart"},
         {"solve_scores": "apart", "solve": "tf32"},
+        {"solve_scores": "pairs"},
+        {"solve_scores": "pairs", "intra_block_k": 64},
+        {"solve_scores": "pairs", "intra": Launch(4, 1)},
     ]
     + [
         {"intra": Launch(w, 1), "intra_block_k": bk, "solve_scores": scores}

@@ -85,6 +85,39 @@ def _offdiag_scores(
     return tuple(dict(zip(_PAIRS, b, strict=True)) for b in blocks)
 
 
+def _offdiag_scores_by_pair(
+    q_ref, k_ref, b_ref, G_ref, bi, h, bh, t0, *, K, bk, scale, num, outputs=("a", "t")
+):
+    """`_offdiag_scores` with one K loop per block pair (i, j): each loop holds only its
+    pair's accumulators and loads, at the cost of loading row block i's and j's slices once
+    per pair instead of once per slice."""
+    blocks = {name: {} for name in outputs}
+    for i, j in _PAIRS:
+        rows_i, rows_j = pl.ds(t0 + SUB * i, SUB), pl.ds(t0 + SUB * j, SUB)
+
+        def body(kb, accs, rows_i=rows_i, rows_j=rows_j, n=t0 + SUB * i):
+            ks = pl.ds(pl.multiple_of(kb * bk, bk), bk)
+            Gn = G_ref[bh, n, ks][None, :]
+            decay_row = jnp.exp(G_ref[bh, rows_i, ks] - Gn)
+            kf = k_ref[bi, rows_j, h, ks].astype(F32) * jnp.exp(Gn - G_ref[bh, rows_j, ks])
+            left = {}
+            if "a" in outputs:
+                left["a"] = q_ref[bi, rows_i, h, ks].astype(F32) * (scale * decay_row)
+            if "t" in outputs:
+                k_i = k_ref[bi, rows_i, h, ks].astype(F32)
+                left["t"] = b_ref[bi, rows_i, h, ks].astype(F32) * k_i * decay_row
+            return tuple(
+                acc + mm(left[name], kf, num.score_precision, tb=True)
+                for name, acc in zip(outputs, accs, strict=True)
+            )
+
+        zero = jnp.zeros((SUB, SUB), F32)
+        accs = jax.lax.fori_loop(0, K // bk, body, (zero,) * len(outputs))
+        for name, acc in zip(outputs, accs, strict=True):
+            blocks[name][(i, j)] = acc
+    return tuple(blocks[name] for name in outputs)
+
+
 def _diag_scores(
     q_ref, k_ref, b_ref, G_ref, bi, h, bh, r0, *, K, bk, scale, precision, put=None
 ):  # fmt: skip

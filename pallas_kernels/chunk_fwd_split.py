@@ -25,6 +25,7 @@ from pallas_kernels.chunk_fwd import (
     KeyRefs,
     WalkRefs,
     _offdiag_scores,
+    _offdiag_scores_by_pair,
     _store_blocks,
     chunk_cumsum,
     chunk_diag,
@@ -75,8 +76,9 @@ def _solve_kernel(
     c, bh = pl.program_id(0), pl.program_id(1)
     t0 = c * CHUNK
     bi, h = bh // H, bh % H
+    form = _offdiag_scores_by_pair if cfg.solve_scores == "pairs" else _offdiag_scores
     scores = functools.partial(
-        _offdiag_scores, q_ref, k_ref, b_ref, G_ref, bi, h, bh, t0, K=K,
+        form, q_ref, k_ref, b_ref, G_ref, bi, h, bh, t0, K=K,
         bk=min(cfg.intra_block_k, K), scale=scale, num=num,
     )  # fmt: skip
 
@@ -90,7 +92,7 @@ def _solve_kernel(
             a_blocks[(i, i)] = a_diag_ref[bh, pl.ds(t0 + SUB * i, SUB), :]
         return a_blocks
 
-    if cfg.solve_scores == "joint":
+    if cfg.solve_scores in ("joint", "pairs"):
         a_blocks, t_blocks = scores(outputs=("a", "t"))
         inverse = {}
         for i in range(NUM_SUB):

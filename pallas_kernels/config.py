@@ -46,8 +46,9 @@ DIAG_GRIDS = ("block", "token")
 DIAG_BLOCKS = ("loop", "levels")
 # How the split solve forms the off-diagonal score blocks: "joint" A_qk's and T's in one K loop
 # (twelve accumulators live with their loads), "apart" T's, then the inverse, then A_qk's in a
-# second K loop (loads k and G twice; ptxas spills 96 instead of 648 bytes a thread).
-SOLVE_SCORES = ("joint", "apart")
+# second K loop (loads k and G twice; ptxas spills 96 instead of 648 bytes a thread); "pairs"
+# both in one K loop per block pair (each loop holds one pair's tiles: no spills).
+SOLVE_SCORES = ("joint", "apart", "pairs")
 # How the split solve inverts T's diagonal 16x16 blocks: "substitution" row by row on the CUDA
 # cores, "doubling" as four levels of two [16, 16] matmuls (exact, on the tensor cores where the
 # solve precision allows).

@@ -182,12 +182,12 @@ def test_chunk_core_under_other_tiles_matches_xla_core():
     _assert_core_matches_xla_core(SMALL_TILES, Shape(B=1, T=128, H=2, K=32, V=32), seed=44)
 
 
-@pytest.mark.parametrize("solve_scores", ["joint", "apart"])
+@pytest.mark.parametrize("solve_scores", ["joint", "apart", "pairs"])
 def test_split_structure_on_packed_sequences_matches_xla_core(solve_scores):
     """The split forward's five launches (and the shared backward) with 16-wide tiles, the
     diagonal launch storing its columns, the diagonal inverses by doubling and the solve's
-    score blocks in one K loop or two; three sequences packed in one row: one chunk, an empty
-    one, two chunks."""
+    score blocks in one K loop, two, or one per block pair; three sequences packed in one row:
+    one chunk, an empty one, two chunks."""
     cfg = dataclasses.replace(
         SMALL_TILES, structure="split", diag_store="columns", diag_inverse="doubling",
         solve_scores=solve_scores,
