@@ -73,6 +73,8 @@ SWEEP = {
         {"solve_scores": "pairs"},
         {"solve_scores": "pairs", "intra_block_k": 64},
         {"solve_scores": "pairs", "intra": Launch(4, 1)},
+        {"solve_scores": "pairs", "intra": Launch(2, 2)},
+        {"intra": Launch(2, 2)},
     ]
     + [
         {"intra": Launch(w, 1), "intra_block_k": bk, "solve_scores": scores}
