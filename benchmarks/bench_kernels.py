@@ -104,7 +104,16 @@ SWEEP = {
     ],
     "fwd state+save": [
         {"state": Launch(w, s), "state_block_v": bv}
-        for w, s, bv in [(4, 1, 64), (4, 3, 64), (8, 2, 64), (4, 2, 32), (8, 2, 128)]
+        for w, s, bv in [
+            (4, 1, 64),
+            (4, 3, 64),
+            (8, 2, 64),
+            (4, 2, 32),
+            (8, 2, 128),
+            (4, 2, 16),
+            (2, 2, 16),
+            (2, 2, 32),
+        ]
     ],
     "bwd dstate": [
         {"dstate": Launch(w, s), "dstate_block_v": bv}
