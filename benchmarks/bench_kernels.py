@@ -114,7 +114,9 @@ SWEEP = {
             (2, 2, 16),
             (2, 2, 32),
         ]
-    ],
+    ]
+    + [{"state_parts": p} for p in (4, 8, 16)]
+    + [{"state_parts": 8, "state_block_v": 32}],
     "bwd dstate": [
         {"dstate": Launch(w, s), "dstate_block_v": bv}
         for w, s, bv in [(4, 1, 64), (4, 3, 64), (8, 2, 64), (4, 2, 32), (8, 2, 128)]

@@ -35,6 +35,7 @@ from pallas_kernels.common import (
     row,
 )
 from pallas_kernels.config import CHUNK, NUM_SUB, SUB, ChunkConfig, state_tile_v
+from pallas_kernels.state_walk import WalkRefs, part_chunks, state_pass_inputs, walk_chunks
 
 HALF = SUB // 2
 _PAIRS = tuple((i, j) for i in range(1, NUM_SUB) for j in range(i))
@@ -467,56 +468,16 @@ def chunk_intra(q, k, v, g, b, w, *, scale, cfg: ChunkConfig, num: Numerics):
     return {"G": G, "gc": gc, **dict(zip(shapes, outs, strict=True))}
 
 
-class WalkRefs(NamedTuple):
-    """The refs `walk_chunks` reads (seq, first, last [NT] int32; h0 [N+1, B, H, K, V] f32;
-    y, kt [BH, Tp, K]; u [BH, Tp, V]; gc [BH, NT, K]) and writes (fin [N+1, B, H, K, V])."""
-
-    seq: Any
-    first: Any
-    last: Any
-    h0: Any
-    y: Any
-    u: Any
-    kt: Any
-    gc: Any
-    fin: Any
-
-
-def walk_chunks(refs: WalkRefs, bh, vs, *, H, K, NT, bv, num, emit):
-    """The serial pass over one (V block, batch·head): per chunk the reset to the initial state
-    where a sequence starts, R = U − Y S, `emit(c, rows, S, Rd)` (Rd: R in the matmul dtype),
-    S ← Diag(γ_C) S + K_tailᵀ R, and the final state where a sequence ends."""
-    bi, h = bh // H, bh % H
-
-    def body(c, S):
-        rows = pl.ds(c * CHUNK, CHUNK)
-        slot = refs.seq[c]
-        S = jax.lax.cond(refs.first[c] != 0, lambda: refs.h0[slot, bi, h, :, vs], lambda: S)
-        R = refs.u[bh, rows, vs].astype(F32) - mm_cast(refs.y[bh, rows, :], S, num)
-        Rd = R.astype(num.mm_dtype)
-        emit(c, rows, S, Rd)
-        S = jnp.exp(refs.gc[bh, c, :])[:, None] * S + mm_cast(
-            refs.kt[bh, rows, :], Rd, num, ta=True
-        )
-
-        @pl.when(refs.last[c] != 0)
-        def _():
-            refs.fin[slot, bi, h, :, vs] = S
-
-        return S
-
-    jax.lax.fori_loop(0, NT, body, jnp.zeros((K, bv), F32))
-
-
 def _state_kernel(
     seq_ref, first_ref, last_ref, h0_ref, fin0_ref,
-    y_ref, u_ref, qg_ref, kt_ref, aqk_ref, gc_ref,
+    y_ref, u_ref, qg_ref, kt_ref, aqk_ref, gc_ref, s_in_ref,
     o_ref, fin_ref, s0_ref=None, r_ref=None,
-    *, H, K, NT, bv, num,
+    *, H, NT, parts, bv, num,
 ):  # fmt: skip
-    """s0_ref, r_ref: each chunk's S₀ and R, outputs of the residual-saving variant only (None
-    in the other, whose pallas_call has two outputs)."""
-    vb, bh = pl.program_id(0), pl.program_id(1)
+    """One program per (V block, batch·head, part of the row's chunks); s_in_ref: the state
+    entering each part. s0_ref, r_ref: each chunk's S₀ and R, outputs of the residual-saving
+    variant only (None in the other, whose pallas_call has two outputs)."""
+    vb, bh, part = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     bi, h = bh // H, bh % H
     vs = pl.ds(pl.multiple_of(vb * bv, bv), bv)
     del fin0_ref  # aliased to fin_ref: slots no chunk finishes keep their zeros
@@ -532,7 +493,8 @@ def _state_kernel(
         seq=seq_ref, first=first_ref, last=last_ref, h0=h0_ref,
         y=y_ref, u=u_ref, kt=kt_ref, gc=gc_ref, fin=fin_ref,
     )  # fmt: skip
-    walk_chunks(walk_refs, bh, vs, H=H, K=K, NT=NT, bv=bv, num=num, emit=emit)
+    S = s_in_ref[bh, part, :, vs]
+    walk_chunks(walk_refs, bh, vs, S, part_chunks(part, NT, parts), H=H, num=num, emit=emit)
 
 
 def chunk_state(intra, h0s, segments, out_dtype, *, cfg: ChunkConfig, num: Numerics, save):
@@ -542,7 +504,7 @@ def chunk_state(intra, h0s, segments, out_dtype, *, cfg: ChunkConfig, num: Numer
     BH, Tp, _ = intra["u"].shape
     NT = Tp // CHUNK
     bv = state_tile_v(cfg.state_block_v, K, V)
-    seq, first, last = (x.astype(jnp.int32) for x in segments)
+    parts = min(cfg.state_parts, NT)
     out_shape = [
         jax.ShapeDtypeStruct((B, Tp, H, V), out_dtype),
         jax.ShapeDtypeStruct(h0s.shape, F32),
@@ -552,15 +514,15 @@ def chunk_state(intra, h0s, segments, out_dtype, *, cfg: ChunkConfig, num: Numer
             jax.ShapeDtypeStruct((BH, NT, K, V), num.mm_dtype),
             jax.ShapeDtypeStruct((BH, Tp, V), num.mm_dtype),
         ]
-    kernel = functools.partial(_state_kernel, H=H, K=K, NT=NT, bv=bv, num=num)
+    kernel = functools.partial(_state_kernel, H=H, NT=NT, parts=parts, bv=bv, num=num)
     names = ("y", "u", "qg", "kt", "aqk", "gc")
     outs = pl.pallas_call(
         kernel,
         out_shape=out_shape,
-        grid=(V // bv, BH),
+        grid=(V // bv, BH, parts),
         input_output_aliases={ZEROS_INPUT: 1},
         compiler_params=compiler_params(cfg.state),
         interpret=num.interpret,
         name="gdn2_chunk_fwd_state" + ("_save" if save else ""),
-    )(seq, first, last, h0s.astype(F32), jnp.zeros(h0s.shape, F32), *(intra[n] for n in names))
+    )(*state_pass_inputs(intra, h0s, segments, names, parts, cfg=cfg, num=num))
     return outs

@@ -23,7 +23,6 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.chunk_fwd import (
     KeyRefs,
-    WalkRefs,
     _offdiag_scores,
     _offdiag_scores_by_pair,
     _store_blocks,
@@ -32,10 +31,10 @@ from pallas_kernels.chunk_fwd import (
     key_tiles,
     merge_blocks,
     u_tile,
-    walk_chunks,
 )
 from pallas_kernels.common import F32, ZEROS_INPUT, Numerics, compiler_params, iota, mm, mm_cast
 from pallas_kernels.config import CHUNK, NUM_SUB, SUB, ChunkConfig, state_tile_v
+from pallas_kernels.state_walk import WalkRefs, part_chunks, state_pass_inputs, walk_chunks
 
 
 def _invert_diag_block(t_ref, bh, r0):
@@ -182,11 +181,11 @@ def chunk_intra_split(q, k, v, g, b, w, *, scale, cfg: ChunkConfig, num: Numeric
 
 def _states_kernel(
     seq_ref, first_ref, last_ref, h0_ref, fin0_ref,
-    y_ref, u_ref, kt_ref, gc_ref,
+    y_ref, u_ref, kt_ref, gc_ref, s_in_ref,
     fin_ref, s0_ref,
-    *, H, K, NT, bv, num,
+    *, H, NT, parts, bv, num,
 ):  # fmt: skip
-    vb, bh = pl.program_id(0), pl.program_id(1)
+    vb, bh, part = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     vs = pl.ds(pl.multiple_of(vb * bv, bv), bv)
     del fin0_ref  # aliased to fin_ref: slots no chunk finishes keep their zeros
 
@@ -198,7 +197,8 @@ def _states_kernel(
         seq=seq_ref, first=first_ref, last=last_ref, h0=h0_ref,
         y=y_ref, u=u_ref, kt=kt_ref, gc=gc_ref, fin=fin_ref,
     )  # fmt: skip
-    walk_chunks(walk_refs, bh, vs, H=H, K=K, NT=NT, bv=bv, num=num, emit=emit)
+    S = s_in_ref[bh, part, :, vs]
+    walk_chunks(walk_refs, bh, vs, S, part_chunks(part, NT, parts), H=H, num=num, emit=emit)
 
 
 def _output_kernel(s0_ref, y_ref, u_ref, qg_ref, aqk_ref, o_ref, r_ref=None, *, H, bv, num):
@@ -221,27 +221,21 @@ def chunk_states(intra, h0s, segments, *, cfg: ChunkConfig, num: Numerics):
     BH, Tp, _ = intra["u"].shape
     NT = Tp // CHUNK
     bv = state_tile_v(cfg.state_block_v, K, V)
-    seq, first, last = (x.astype(jnp.int32) for x in segments)
-    kernel = functools.partial(_states_kernel, H=H, K=K, NT=NT, bv=bv, num=num)
+    parts = min(cfg.state_parts, NT)
+    names = ("y", "u", "kt", "gc")
+    kernel = functools.partial(_states_kernel, H=H, NT=NT, parts=parts, bv=bv, num=num)
     return pl.pallas_call(
         kernel,
         out_shape=[
             jax.ShapeDtypeStruct(h0s.shape, F32),
             jax.ShapeDtypeStruct((BH, NT, K, V), num.mm_dtype),
         ],
-        grid=(V // bv, BH),
+        grid=(V // bv, BH, parts),
         input_output_aliases={ZEROS_INPUT: 0},
         compiler_params=compiler_params(cfg.state),
         interpret=num.interpret,
         name="gdn2_chunk_fwd_states",
-    )(
-        seq,
-        first,
-        last,
-        h0s.astype(F32),
-        jnp.zeros(h0s.shape, F32),
-        *(intra[n] for n in ("y", "u", "kt", "gc")),
-    )
+    )(*state_pass_inputs(intra, h0s, segments, names, parts, cfg=cfg, num=num))
 
 
 def chunk_output(intra, s0, H, out_dtype, *, cfg: ChunkConfig, num: Numerics, save):

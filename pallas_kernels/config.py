@@ -70,13 +70,16 @@ def _check_tile(owner: str, name: str, value) -> None:
         raise ValueError(f"{owner}.{name} must be a power of two >= {MIN_TILE}, got {value!r}")
 
 
-def _check_tiles(config) -> None:
+def _check_tiles(config, counts=()) -> None:
+    """Every int field a tile, except the `counts` (each an int >= 1)."""
     owner = type(config).__name__
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
-        if value is None or isinstance(value, (Launch, str)):
-            continue
-        _check_tile(owner, field.name, value)
+        if field.name in counts:
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{owner}.{field.name} must be an int >= 1, got {value!r}")
+        elif value is not None and not isinstance(value, (Launch, str)):
+            _check_tile(owner, field.name, value)
 
 
 def _check_divides(config, tiles, dims: dict[str, int]) -> None:
@@ -140,6 +143,9 @@ class ChunkConfig:
     # 32: the launch 391 against 477 us at whole K, 533 at 16 (H100 ncu, 4x4096, 2026-12-07).
     diag_loop_block_k: int | None = 32
     state_block_v: int = 64  # V columns of the carried state per program (forward state pass)
+    # Runs each row's chunks are cut into for the forward state pass, walked side by side
+    # (pallas_kernels/state_walk.py): more programs where B·H is small; 1: one serial walk.
+    state_parts: int = 1
     state: Launch = Launch(num_warps=4, num_stages=2)
     dstate_block_v: int = 64  # V columns of the carried state gradient (reverse state pass)
     dstate: Launch = Launch(num_warps=4, num_stages=2)
@@ -180,7 +186,7 @@ class ChunkConfig:
     )
 
     def __post_init__(self):
-        _check_tiles(self)
+        _check_tiles(self, counts=("state_parts",))
         for name, choices in (
             ("solve", SOLVE_CHOICES),
             ("diag_store", DIAG_STORES),

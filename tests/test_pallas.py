@@ -104,6 +104,25 @@ class TestPallasSplitBackend(TestPallasBackend):
         assert not {"gdn2_chunk_fwd_intra", "gdn2_chunk_fwd_state_save"} & set(names)
 
 
+class TestPallasStatePartsBackend(TestPallasBackend):
+    """The shared suite's cases with packed sequences and initial states on the state pass cut
+    into three runs per row (`ChunkConfig.state_parts=3`); the rest of the op is the default
+    path's code (test_state_pass_in_parts_* cover the runs' maps and resets)."""
+
+    @pytest.fixture(autouse=True)
+    def _parts_core(self, monkeypatch):
+        bind_chunk_config(monkeypatch, dataclasses.replace(DEFAULT_CHUNK_CONFIG, state_parts=3))
+
+    test_extreme_gates_finite_and_exact = None
+    test_strong_decay_whole_chunk = None
+    test_kda_reduction_matches_fla = None
+    test_gated_delta_rule_reduction_matches_fla = None
+    test_l2norm_and_scale_match_fla = None
+    test_bfloat16_close_to_float32_reference = None
+    test_bfloat16_gradients_have_input_dtypes = None
+    test_jit_matches_eager = None
+
+
 def fla_recurrent(x, lo=None, hi=None, h0=None):
     tensors = [torch.tensor(x[n][:, lo:hi]) for n in NAMES[:6]]
     h0 = x["initial_state"] if h0 is None else h0
@@ -147,10 +166,12 @@ def test_recurrent_kernel_bfloat16_output_dtype():
     assert rel_err(o.astype(jnp.float32), o_ref) <= 2e-2 and rel_err(S, S_ref) <= 2e-2
 
 
-def _assert_core_matches_xla_core(cfg, shape, seed, chunk_bounds=None):
+def _assert_core_matches_xla_core(cfg, shape, seed, chunk_bounds=None, g_scale=None):
     """Output, finals and every gradient (inputs and h0s) of the kernels against the XLA core;
-    `chunk_bounds` (sequence boundaries in chunks, B = 1) packs several sequences in one row."""
-    x = make_inputs(seed, shape, extreme=True)
+    `chunk_bounds` (sequence boundaries in chunks, B = 1) packs several sequences in one row.
+    The inputs have extreme gates unless `g_scale` sets the scale of mild ones."""
+    mild = {"g_scale": g_scale} if g_scale else {"extreme": True}
+    x = make_inputs(seed, shape, **mild)
     args = [jnp.asarray(x[n]) for n in NAMES[:6]]
     num_chunks = shape.T // 64
     if chunk_bounds is None:
@@ -194,6 +215,61 @@ def test_split_structure_on_packed_sequences_matches_xla_core(solve_scores):
     )  # fmt: skip
     shape = Shape(B=1, T=192, H=2, K=32, V=32)
     _assert_core_matches_xla_core(cfg, shape, seed=45, chunk_bounds=(0, 1, 1, 3))
+
+
+@pytest.mark.parametrize("structure", ["fused", "split"])
+@pytest.mark.parametrize("parts", [2, 3])
+def test_state_pass_in_parts_on_packed_sequences_matches_xla_core(structure, parts):
+    """state_parts: the row's chunks walked in runs from their entering states. Three chunks
+    of three packed sequences (one chunk, an empty one, two chunks): with 2 parts the first
+    run starts two sequences (its map is zero) and the second continues one; with 3 every
+    chunk is a run of its own."""
+    cfg = dataclasses.replace(SMALL_TILES, structure=structure, state_parts=parts)
+    shape = Shape(B=1, T=192, H=2, K=32, V=32)
+    _assert_core_matches_xla_core(cfg, shape, seed=51, chunk_bounds=(0, 1, 1, 3), g_scale=3e-3)
+
+
+@pytest.mark.parametrize("parts", [2, 4, 8])
+def test_state_pass_in_parts_of_one_sequence_matches_xla_core(parts):
+    """One sequence of five chunks per row in 2, 4 or 8 runs (runs of 3 + 2, 2 + 2 + 1 and one
+    chunk each, the last three empty): the states entering the runs come from the runs' maps
+    alone. Mild gates (a chunk keeps ~80% of its state) so that the maps matter. The state
+    parts' launch is in the traced program."""
+    cfg = dataclasses.replace(SMALL_TILES, state_parts=parts)
+    _assert_core_matches_xla_core(cfg, Shape(B=2, T=320, H=2, K=32, V=16), seed=52, g_scale=3e-3)
+    x = make_inputs(52, Shape(B=1, T=320, H=2, K=32, V=16))
+    args = [jnp.asarray(x[n]) for n in NAMES[:6]]
+    h0s = jnp.zeros((2, 1, 2, 32, 16), jnp.float32)
+
+    def core(*a):
+        return pallas_chunk_core(*a, h0s, dense_segments(5), 0.3, 64, cfg, True)
+
+    names = kernel_names(core, *args)
+    assert names["gdn2_chunk_fwd_part_maps"] == 1 and names["gdn2_chunk_fwd_state"] == 1
+
+
+def test_state_pass_in_parts_keeps_a_nan_in_its_sequence():
+    """A NaN state leaving run 0 (sequence A, chunk 0) meets run 1's map, which is zero because
+    sequence B starts there; B continues into run 2, whose entering state must be B's alone
+    (0 · NaN would be NaN)."""
+    shape = Shape(B=1, T=192, H=2, K=32, V=32)
+    x = make_inputs(53, shape, g_scale=3e-3)
+    x["v"][0, 10, 0, 0] = np.nan
+    args = [jnp.asarray(x[n]) for n in NAMES[:6]]
+    h0s = jnp.zeros((3, 1, 2, 32, 32), jnp.float32)
+    seg = packed_segments(jnp.asarray([0, 1, 3], jnp.int32), 3)
+    cfg = dataclasses.replace(SMALL_TILES, state_parts=3)
+    o, finals = pallas_chunk_core(*args, h0s, seg, 0.3, 64, cfg, True)
+    o_ref, finals_ref = xla_chunk_core(*args, h0s, seg, 0.3, 64)
+    assert np.isnan(np.asarray(o[:, :64])).any()
+    assert np.isfinite(np.asarray(o[:, 64:])).all()
+    assert rel_err(o[:, 64:], o_ref[:, 64:]) <= 1e-5
+    assert rel_err(finals[1], finals_ref[1]) <= 1e-5
+
+
+def test_state_parts_must_be_a_positive_int():
+    with pytest.raises(ValueError, match="state_parts must be an int >= 1"):
+        ChunkConfig(state_parts=0)
 
 
 @pytest.mark.parametrize("structure", ["fused", "split"])
