@@ -167,6 +167,17 @@ def test_k_sliced_column_loop_production_heads(dtype, monkeypatch):
     _check_production_heads((128, 128), dtype, {"gdn2_chunk_fwd_diag": 1})
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_state_pass_in_runs_production_heads(dtype, monkeypatch):
+    """The forward state pass in 3 runs per row (`state_parts`: the runs' maps, their carry,
+    the walk from each run's entering state), compiled for the GPU, against fla's naive
+    recurrence. The extreme gates make the maps vanish: tests/test_pallas.py checks them
+    under mild gates in interpret mode."""
+    cfg = dataclasses.replace(default_chunk_config(dtype), state_parts=3)
+    bind_chunk_config(monkeypatch, cfg)
+    _check_production_heads((128, 128), dtype, {"gdn2_chunk_fwd_part_maps": 1})
+
+
 def _check_production_heads(dims, dtype, launches):
     """Extreme gates and initial states; `launches` name -> count in the traced program."""
     x = make_inputs(57, Shape(B=2, T=200, H=2, K=dims[0], V=dims[1]), extreme=True)
