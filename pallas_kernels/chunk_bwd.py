@@ -22,34 +22,65 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.common import F32, ZEROS_INPUT, Numerics, compiler_params, iota, mm, mm_cast
 from pallas_kernels.config import CHUNK, NUM_SUB, SUB, ChunkConfig, dstate_launch, state_tile_v
+from pallas_kernels.state_walk import any_in_parts, carry_across_parts, part_chunks
+
+
+class _DstateRefs(NamedTuple):
+    """What the reverse state pass reads: seq, first, last [NT] int32; dfin [N+1, B, H, K, V]
+    f32; do [B, Tp, H, V]; aqk, kt, qg, y [BH, Tp, ·]; gc [BH, NT, K]."""
+
+    seq: Any
+    first: Any
+    last: Any
+    dfin: Any
+    do: Any
+    aqk: Any
+    kt: Any
+    qg: Any
+    y: Any
+    gc: Any
+
+
+def _dstate_update(refs: _DstateRefs, bi, h, bh, c, vs, dS, num, *, with_do=True):
+    """One chunk of the reverse recurrence on the columns `vs`: dR = A_qkᵀ dO + K_tail dS
+    (K_tail dS without dO) in the matmul dtype and dS ← Diag(γ_C) dS + Q_γᵀ dO − Yᵀ dR."""
+    rows = pl.ds(c * CHUNK, CHUNK)
+    do = refs.do[bi, rows, h, vs] if with_do else None
+    dR = mm_cast(refs.kt[bh, rows, :], dS, num)
+    if with_do:
+        dR = mm_cast(refs.aqk[bh, rows, :], do, num, ta=True) + dR
+    dRd = dR.astype(num.mm_dtype)
+    dS = jnp.exp(refs.gc[bh, c, :])[:, None] * dS
+    if with_do:
+        dS = dS + mm_cast(refs.qg[bh, rows, :], do, num, ta=True)
+    return dRd, dS - mm_cast(refs.y[bh, rows, :], dRd, num, ta=True)
 
 
 def _dstate_kernel(
     seq_ref, first_ref, last_ref, dfin_ref, dh00_ref,
-    do_ref, aqk_ref, kt_ref, qg_ref, y_ref, gc_ref,
+    do_ref, aqk_ref, kt_ref, qg_ref, y_ref, gc_ref, ds_in_ref,
     dsc_ref, dr_ref, dh0_ref,
-    *, H, K, NT, bv, num,
+    *, H, NT, parts, bv, num,
 ):  # fmt: skip
-    vb, bh = pl.program_id(0), pl.program_id(1)
+    """One program per (V block, batch·head, run of the row's chunks), walking its run from
+    the last chunk with the gradient entering it from the later runs (ds_in_ref)."""
+    vb, bh, part = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     bi, h = bh // H, bh % H
     vs = pl.ds(pl.multiple_of(vb * bv, bv), bv)
     del dh00_ref  # aliased to dh0_ref: slots no chunk starts keep their zeros
+    refs = _DstateRefs(
+        seq=seq_ref, first=first_ref, last=last_ref, dfin=dfin_ref, do=do_ref, aqk=aqk_ref,
+        kt=kt_ref, qg=qg_ref, y=y_ref, gc=gc_ref,
+    )  # fmt: skip
+    start, stop = part_chunks(part, NT, parts)
 
     def body(i, dS):
-        c = NT - 1 - i
-        rows = pl.ds(c * CHUNK, CHUNK)
+        c = stop - 1 - i
         slot = seq_ref[c]
         dS = jax.lax.cond(last_ref[c] != 0, lambda: dfin_ref[slot, bi, h, :, vs], lambda: dS)
         dsc_ref[bh, c, :, vs] = dS.astype(dsc_ref.dtype)
-        do = do_ref[bi, rows, h, vs]
-        dR = mm_cast(aqk_ref[bh, rows, :], do, num, ta=True)
-        dR = dR + mm_cast(kt_ref[bh, rows, :], dS, num)
-        dRd = dR.astype(num.mm_dtype)
-        dr_ref[bh, rows, vs] = dRd
-        dS = jnp.exp(gc_ref[bh, c, :])[:, None] * dS + mm_cast(
-            qg_ref[bh, rows, :], do, num, ta=True
-        )
-        dS = dS - mm_cast(y_ref[bh, rows, :], dRd, num, ta=True)
+        dRd, dS = _dstate_update(refs, bi, h, bh, c, vs, dS, num)
+        dr_ref[bh, pl.ds(c * CHUNK, CHUNK), vs] = dRd
 
         @pl.when(first_ref[c] != 0)
         def _():
@@ -58,7 +89,76 @@ def _dstate_kernel(
         # The state was reset at this chunk: nothing flows into the previous chunk.
         return jnp.where(first_ref[c] != 0, 0.0, dS)
 
-    jax.lax.fori_loop(0, NT, body, jnp.zeros((K, bv), F32))
+    jax.lax.fori_loop(0, stop - start, body, ds_in_ref[bh, part, :, vs])
+
+
+def _dstate_part_maps_kernel(
+    seq_ref, first_ref, last_ref, dfin_ref, do_ref, aqk_ref, kt_ref, qg_ref, y_ref, gc_ref,
+    n_ref, m_ref,
+    *, H, K, V, NT, parts, bv, num,
+):  # fmt: skip
+    """A run's reverse map, as `state_walk`'s forward one: N from a zero gradient with dO,
+    M from the identity without (zero past a sequence's end or start)."""
+    col, bh, part = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    bi, h = bh // H, bh % H
+    refs = _DstateRefs(
+        seq=seq_ref, first=first_ref, last=last_ref, dfin=dfin_ref, do=do_ref, aqk=aqk_ref,
+        kt=kt_ref, qg=qg_ref, y=y_ref, gc=gc_ref,
+    )  # fmt: skip
+    start, stop = part_chunks(part, NT, parts)
+    n_value_tiles, bm = V // bv, min(bv, K)
+
+    def walk(cols, dS, with_do):
+        def body(i, dS):
+            c = stop - 1 - i
+            if with_do:
+                dS = jax.lax.cond(
+                    last_ref[c] != 0, lambda: dfin_ref[seq_ref[c], bi, h, :, cols], lambda: dS
+                )
+            else:
+                dS = jnp.where(last_ref[c] != 0, 0.0, dS)
+            dS = _dstate_update(refs, bi, h, bh, c, cols, dS, num, with_do=with_do)[1]
+            return jnp.where(first_ref[c] != 0, 0.0, dS)
+
+        return jax.lax.fori_loop(0, stop - start, body, dS)
+
+    @pl.when(col < n_value_tiles)
+    def _():
+        vs = pl.ds(pl.multiple_of(col * bv, bv), bv)
+        n_ref[bh, part, :, vs] = walk(vs, jnp.zeros((K, bv), F32), with_do=True)
+
+    @pl.when(col >= n_value_tiles)
+    def _():
+        m0 = (col - n_value_tiles) * bm
+        ms = pl.ds(pl.multiple_of(m0, bm), bm)
+        identity = (iota((K, bm), 0) == iota((K, bm), 1) + m0).astype(F32)
+        m_ref[bh, part, :, ms] = walk(ms, identity, with_do=False)
+
+
+def _dstate_part_states(segments, dfinals, reads, BH, NT, parts, *, cfg: ChunkConfig, num):
+    """The gradient entering each run from the later ones [BH, parts, K, V] float32; `segments`
+    (int32) and `reads` (do and the forward's `_DSTATE_INTRA`) as the reverse pass takes them."""
+    _, _, H, K, V = dfinals.shape
+    if parts == 1:
+        return jnp.zeros((BH, 1, K, V), F32)
+    bv = state_tile_v(cfg.dstate_block_v, K, V)
+    kernel = functools.partial(
+        _dstate_part_maps_kernel, H=H, K=K, V=V, NT=NT, parts=parts, bv=bv, num=num
+    )
+    n, m = pl.pallas_call(
+        kernel,
+        out_shape=[
+            jax.ShapeDtypeStruct((BH, parts, K, V), F32),
+            jax.ShapeDtypeStruct((BH, parts, K, K), F32),
+        ],
+        grid=(V // bv + K // min(bv, K), BH, parts),
+        compiler_params=compiler_params(dstate_launch(cfg.dstate, K)),
+        interpret=num.interpret,
+        name="gdn2_chunk_bwd_part_maps",
+    )(*segments, dfinals.astype(F32), *reads)
+    _, first, last = segments
+    cut = any_in_parts((first != 0) | (last != 0), parts)
+    return carry_across_parts(n, m, cut, reverse=True)
 
 
 def chunk_dstate(intra, saved_shape, segments, do, dfinals, *, cfg: ChunkConfig, num: Numerics):
@@ -68,9 +168,11 @@ def chunk_dstate(intra, saved_shape, segments, do, dfinals, *, cfg: ChunkConfig,
     BH, NT = saved_shape[:2]
     Tp = NT * CHUNK
     bv = state_tile_v(cfg.dstate_block_v, K, V)
-    seq, first, last = (x.astype(jnp.int32) for x in segments)
-    kernel = functools.partial(_dstate_kernel, H=H, K=K, NT=NT, bv=bv, num=num)
-    names = ("aqk", "kt", "qg", "y", "gc")
+    parts = min(cfg.state_parts, NT)
+    segments = tuple(x.astype(jnp.int32) for x in segments)
+    reads = (do, *(intra[n] for n in _DSTATE_INTRA))
+    ds_in = _dstate_part_states(segments, dfinals, reads, BH, NT, parts, cfg=cfg, num=num)
+    kernel = functools.partial(_dstate_kernel, H=H, NT=NT, parts=parts, bv=bv, num=num)
     return pl.pallas_call(
         kernel,
         out_shape=[
@@ -78,13 +180,16 @@ def chunk_dstate(intra, saved_shape, segments, do, dfinals, *, cfg: ChunkConfig,
             jax.ShapeDtypeStruct((BH, Tp, V), num.mm_dtype),
             jax.ShapeDtypeStruct(dfinals.shape, F32),
         ],
-        grid=(V // bv, BH),
+        grid=(V // bv, BH, parts),
         input_output_aliases={ZEROS_INPUT: 2},
         compiler_params=compiler_params(dstate_launch(cfg.dstate, K)),
         interpret=num.interpret,
         name="gdn2_chunk_bwd_dstate",
-    )(seq, first, last, dfinals.astype(F32), jnp.zeros(dfinals.shape, F32), do,
-      *(intra[n] for n in names))  # fmt: skip
+    )(*segments, dfinals.astype(F32), jnp.zeros(dfinals.shape, F32), *reads, ds_in)
+
+
+# The forward's intermediates the reverse state pass reads, in its kernels' order.
+_DSTATE_INTRA = ("aqk", "kt", "qg", "y", "gc")
 
 
 class _ValueRefs(NamedTuple):

@@ -143,8 +143,9 @@ class ChunkConfig:
     # 32: the launch 391 against 477 us at whole K, 533 at 16 (H100 ncu, 4x4096, 2026-12-07).
     diag_loop_block_k: int | None = 32
     state_block_v: int = 64  # V columns of the carried state per program (forward state pass)
-    # Runs each row's chunks are cut into for the forward state pass, walked side by side
-    # (pallas_kernels/state_walk.py): more programs where B·H is small; 1: one serial walk.
+    # Runs each row's chunks are cut into for the state passes (forward and reverse), walked
+    # side by side (pallas_kernels/state_walk.py): more programs where B·H is small; 1: one
+    # serial walk.
     state_parts: int = 1
     state: Launch = Launch(num_warps=4, num_stages=2)
     dstate_block_v: int = 64  # V columns of the carried state gradient (reverse state pass)

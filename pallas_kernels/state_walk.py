@@ -141,11 +141,11 @@ def part_maps(intra, h0s, segments, parts, *, cfg: ChunkConfig, num: Numerics):
     )(seq, first, h0s.astype(F32), *(intra[n] for n in ("y", "u", "kt", "gc")))
 
 
-def carry_across_parts(n, m, cut):
-    """The state entering each part [BH, P, K, V]: zero for the first (every row starts a
-    sequence there), then S_{p+1} = M_p S_p + N_p, or exactly N_p where part p starts a
-    sequence (`cut` [P]; M_p = 0 there, and 0 · NaN would carry a poisoned sequence's state
-    into the next one)."""
+def carry_across_parts(n, m, cut, *, reverse=False):
+    """The state entering each part [BH, P, K, V] from a zero one before the first part (the
+    last with `reverse`, for the reverse pass): S_{p+1} = M_p S_p + N_p, or exactly N_p where
+    part p resets the walk (`cut` [P]; M_p = 0 there, and 0 · NaN would carry a poisoned
+    sequence's state into the next one)."""
 
     def step(S, part):
         n_p, m_p, cut_p = part
@@ -154,14 +154,15 @@ def carry_across_parts(n, m, cut):
 
     zero = jnp.zeros_like(n[:, 0])
     parts = (n.swapaxes(0, 1), m.swapaxes(0, 1), cut)
-    _, s_in = jax.lax.scan(step, zero, parts, unroll=True)
+    _, s_in = jax.lax.scan(step, zero, parts, reverse=reverse, unroll=True)
     return s_in.swapaxes(0, 1)
 
 
-def starts_sequence(first, NT: int, parts: int):
-    """[parts] bool: whether a chunk of each part starts a sequence (first [NT])."""
+def any_in_parts(flags, parts: int):
+    """[parts] bool: whether any chunk of each part has its flag set (flags [NT])."""
+    NT = flags.shape[0]
     length = -(-NT // parts)
-    padded = jnp.zeros(parts * length, bool).at[:NT].set(first != 0)
+    padded = jnp.zeros(parts * length, bool).at[:NT].set(flags != 0)
     return jnp.any(padded.reshape(parts, length), axis=1)
 
 
@@ -169,11 +170,11 @@ def part_states(intra, h0s, segments, parts, *, cfg: ChunkConfig, num: Numerics)
     """The state entering each of the `parts` runs of each row's chunks, [BH, parts, K, V]
     float32 (zeros when the row is one run: its first chunk starts a sequence)."""
     _, _, _, K, V = h0s.shape
-    BH, Tp, _ = intra["u"].shape
+    BH = intra["u"].shape[0]
     if parts == 1:
         return jnp.zeros((BH, 1, K, V), F32)
     n, m = part_maps(intra, h0s, segments, parts, cfg=cfg, num=num)
-    return carry_across_parts(n, m, starts_sequence(segments[1], Tp // CHUNK, parts))
+    return carry_across_parts(n, m, any_in_parts(segments[1], parts))
 
 
 def state_pass_inputs(intra, h0s, segments, names, parts, *, cfg: ChunkConfig, num: Numerics):

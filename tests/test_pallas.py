@@ -233,8 +233,8 @@ def test_state_pass_in_parts_on_packed_sequences_matches_xla_core(structure, par
 def test_state_pass_in_parts_of_one_sequence_matches_xla_core(parts):
     """One sequence of five chunks per row in 2, 4 or 8 runs (runs of 3 + 2, 2 + 2 + 1 and one
     chunk each, the last three empty): the states entering the runs come from the runs' maps
-    alone. Mild gates (a chunk keeps ~80% of its state) so that the maps matter. The state
-    parts' launch is in the traced program."""
+    alone. Mild gates (a chunk keeps ~80% of its state) so that the maps matter. The runs'
+    map launches are in the traced programs, forward and backward."""
     cfg = dataclasses.replace(SMALL_TILES, state_parts=parts)
     _assert_core_matches_xla_core(cfg, Shape(B=2, T=320, H=2, K=32, V=16), seed=52, g_scale=3e-3)
     x = make_inputs(52, Shape(B=1, T=320, H=2, K=32, V=16))
@@ -246,6 +246,12 @@ def test_state_pass_in_parts_of_one_sequence_matches_xla_core(parts):
 
     names = kernel_names(core, *args)
     assert names["gdn2_chunk_fwd_part_maps"] == 1 and names["gdn2_chunk_fwd_state"] == 1
+
+    def loss(*a):
+        return jnp.sum(core(*a)[0])
+
+    names = kernel_names(jax.grad(loss, argnums=tuple(range(6))), *args)
+    assert names["gdn2_chunk_bwd_part_maps"] == 1 and names["gdn2_chunk_bwd_dstate"] == 1
 
 
 def test_state_pass_in_parts_keeps_a_nan_in_its_sequence():
@@ -265,6 +271,32 @@ def test_state_pass_in_parts_keeps_a_nan_in_its_sequence():
     assert np.isfinite(np.asarray(o[:, 64:])).all()
     assert rel_err(o[:, 64:], o_ref[:, 64:]) <= 1e-5
     assert rel_err(finals[1], finals_ref[1]) <= 1e-5
+
+
+def test_state_pass_in_runs_keeps_a_nan_gradient_in_its_sequence():
+    """Four runs of one chunk; the output cotangent of sequence B (chunks 2-3) has a NaN in
+    chunk 3. The reverse pass's gradient entering run 2 is NaN, and run 2's map is zero because
+    B starts there: the gradient entering run 1 (sequence A) must be exactly A's own."""
+    shape = Shape(B=1, T=256, H=2, K=32, V=32)
+    x = make_inputs(54, shape, g_scale=3e-3)
+    args = [jnp.asarray(x[n]) for n in NAMES[:6]]
+    h0s = jnp.zeros((3, 1, 2, 32, 32), jnp.float32)
+    seg = packed_segments(jnp.asarray([0, 2, 4], jnp.int32), 4)
+    cfg = dataclasses.replace(SMALL_TILES, state_parts=4)
+    rng = np.random.default_rng(55)
+    do = rng.standard_normal(x["v"].shape).astype(np.float32)
+    do[0, 200, 0, 0] = np.nan
+    cot = (jnp.asarray(do), jnp.zeros_like(h0s))
+
+    def grads(core):
+        return jax.vjp(lambda *a: core(*a, h0s, seg, 0.3, 64), *args)[1](cot)
+
+    ours = grads(lambda *a: pallas_chunk_core(*a, cfg, True))
+    reference = grads(xla_chunk_core)
+    assert np.isnan(np.asarray(ours[0][:, 128:])).any(), "B's own gradient shows the NaN"
+    for a, b in zip(ours[:6], reference[:6], strict=True):
+        assert np.isfinite(np.asarray(a[:, :128])).all()
+        assert rel_err(a[:, :128], b[:, :128]) <= 1e-5
 
 
 def test_state_parts_must_be_a_positive_int():
