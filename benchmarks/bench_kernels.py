@@ -53,7 +53,8 @@ SPLIT_PARTS = ("fwd solve", "fwd wy", "fwd states", "fwd output+save")
 STORE_COLUMNS = {"diag_store": "columns", "diag_loop_block_k": None}
 # Per stage: the config fields it reads, and values to try for them.
 SWEEP = {
-    "fwd diag": [{"diag_grid": "token", "diag": Launch(w, 1)} for w in (1, 2, 4)]
+    "fwd diag": [{"cumsum": "pallas"}, {"cumsum": "pallas", "cumsum_block_k": 32}]
+    + [{"diag_grid": "token", "diag": Launch(w, 1)} for w in (1, 2, 4)]
     + [STORE_COLUMNS]
     + [
         {"diag": Launch(w, s), **store}
@@ -193,7 +194,7 @@ def stage_fns(case: Case, cfg: ChunkConfig):
     @jax.jit
     def diag(inputs):
         q, k, _, g, b, _ = inputs
-        return chunk_diag(q, k, b, chunk_cumsum(g)[0], scale=scale, **kw)
+        return chunk_diag(q, k, b, chunk_cumsum(g, **kw)[0], scale=scale, **kw)
 
     prep, state_pass = FORWARDS[cfg.structure]
 

@@ -21,7 +21,15 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels.common import F32, ZEROS_INPUT, Numerics, compiler_params, iota, mm, mm_cast
-from pallas_kernels.config import CHUNK, NUM_SUB, SUB, ChunkConfig, dstate_launch, state_tile_v
+from pallas_kernels.config import (
+    CHUNK,
+    NUM_SUB,
+    SUB,
+    ChunkConfig,
+    dstate_launch,
+    state_runs,
+    state_tile_v,
+)
 from pallas_kernels.state_walk import any_in_parts, carry_across_parts, part_chunks
 
 
@@ -168,7 +176,7 @@ def chunk_dstate(intra, saved_shape, segments, do, dfinals, *, cfg: ChunkConfig,
     BH, NT = saved_shape[:2]
     Tp = NT * CHUNK
     bv = state_tile_v(cfg.dstate_block_v, K, V)
-    parts = min(cfg.state_parts, NT)
+    parts = state_runs(cfg.state_parts, BH * (V // bv), NT)
     segments = tuple(x.astype(jnp.int32) for x in segments)
     reads = (do, *(intra[n] for n in _DSTATE_INTRA))
     ds_in = _dstate_part_states(segments, dfinals, reads, BH, NT, parts, cfg=cfg, num=num)

@@ -34,20 +34,43 @@ from pallas_kernels.common import (
     mm_cast,
     row,
 )
-from pallas_kernels.config import CHUNK, NUM_SUB, SUB, ChunkConfig, state_tile_v
+from pallas_kernels.config import CHUNK, NUM_SUB, SUB, ChunkConfig, state_runs, state_tile_v
 from pallas_kernels.state_walk import WalkRefs, part_chunks, state_pass_inputs, walk_chunks
 
 HALF = SUB // 2
 _PAIRS = tuple((i, j) for i in range(1, NUM_SUB) for j in range(i))
 
 
-def chunk_cumsum(g):
+def _cumsum_kernel(g_ref, G_ref, gc_ref, *, H, bk):
+    c, bh, kb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    rows, ks = pl.ds(c * CHUNK, CHUNK), pl.ds(pl.multiple_of(kb * bk, bk), bk)
+    G = jnp.cumsum(g_ref[bh // H, rows, bh % H, ks].astype(F32), axis=0)
+    G_ref[bh, rows, ks] = G
+    gc_ref[bh, c, ks] = row(G, CHUNK - 1)
+
+
+def chunk_cumsum(g, *, cfg: ChunkConfig, num: Numerics):
     """G [BH, Tp, K]: the within-chunk cumulative log-decay of g [B, Tp, H, K] (float32), and
-    gc [BH, NT, K]: G at each chunk's last row (the chunk's total decay)."""
+    gc [BH, NT, K]: G at each chunk's last row (the chunk's total decay). `cfg.cumsum` "pallas"
+    forms both in one launch that writes the per-head layout directly; "xla" by jnp.cumsum and
+    a transpose."""
     B, Tp, H, K = g.shape
-    G = jnp.cumsum(g.astype(F32).reshape(B, Tp // CHUNK, CHUNK, H, K), axis=2)
-    G = G.reshape(B, Tp, H, K).transpose(0, 2, 1, 3).reshape(B * H, Tp, K)
-    return G, G[:, CHUNK - 1 :: CHUNK]
+    if cfg.cumsum == "xla":
+        G = jnp.cumsum(g.astype(F32).reshape(B, Tp // CHUNK, CHUNK, H, K), axis=2)
+        G = G.reshape(B, Tp, H, K).transpose(0, 2, 1, 3).reshape(B * H, Tp, K)
+        return G, G[:, CHUNK - 1 :: CHUNK]
+    bk = min(cfg.cumsum_block_k, K)
+    return pl.pallas_call(
+        functools.partial(_cumsum_kernel, H=H, bk=bk),
+        out_shape=[
+            jax.ShapeDtypeStruct((B * H, Tp, K), F32),
+            jax.ShapeDtypeStruct((B * H, Tp // CHUNK, K), F32),
+        ],
+        grid=(Tp // CHUNK, B * H, K // bk),
+        compiler_params=compiler_params(cfg.cumsum_launch),
+        interpret=num.interpret,
+        name="gdn2_chunk_cumsum",
+    )(g)
 
 
 def _offdiag_scores(
@@ -446,7 +469,7 @@ def chunk_intra(q, k, v, g, b, w, *, scale, cfg: ChunkConfig, num: Numerics):
     B, Tp, H, K = q.shape
     V = v.shape[-1]
     BH, dt = B * H, num.mm_dtype
-    G, gc = chunk_cumsum(g)
+    G, gc = chunk_cumsum(g, cfg=cfg, num=num)
     a_diag, t_diag = chunk_diag(q, k, b, G, scale=scale, cfg=cfg, num=num)
     shapes = dict(
         aqk=(BH, Tp, CHUNK, dt),
@@ -504,7 +527,7 @@ def chunk_state(intra, h0s, segments, out_dtype, *, cfg: ChunkConfig, num: Numer
     BH, Tp, _ = intra["u"].shape
     NT = Tp // CHUNK
     bv = state_tile_v(cfg.state_block_v, K, V)
-    parts = min(cfg.state_parts, NT)
+    parts = state_runs(cfg.state_parts, BH * (V // bv), NT)
     out_shape = [
         jax.ShapeDtypeStruct((B, Tp, H, V), out_dtype),
         jax.ShapeDtypeStruct(h0s.shape, F32),

@@ -33,7 +33,7 @@ from pallas_kernels.chunk_fwd import (
     u_tile,
 )
 from pallas_kernels.common import F32, ZEROS_INPUT, Numerics, compiler_params, iota, mm, mm_cast
-from pallas_kernels.config import CHUNK, NUM_SUB, SUB, ChunkConfig, state_tile_v
+from pallas_kernels.config import CHUNK, NUM_SUB, SUB, ChunkConfig, state_runs, state_tile_v
 from pallas_kernels.state_walk import WalkRefs, part_chunks, state_pass_inputs, walk_chunks
 
 
@@ -172,7 +172,7 @@ def chunk_wy_apply(q, k, v, b, w, G, gc, ainv, *, scale, cfg: ChunkConfig, num: 
 
 def chunk_intra_split(q, k, v, g, b, w, *, scale, cfg: ChunkConfig, num: Numerics):
     """`chunk_fwd.chunk_intra`'s dict (G, gc, aqk, ainv, u, y, qg, kt) from four launches."""
-    G, gc = chunk_cumsum(g)
+    G, gc = chunk_cumsum(g, cfg=cfg, num=num)
     diag = chunk_diag(q, k, b, G, scale=scale, cfg=cfg, num=num)
     aqk, ainv = chunk_solve(q, k, b, G, diag, scale=scale, cfg=cfg, num=num)
     u, y, qg, kt = chunk_wy_apply(q, k, v, b, w, G, gc, ainv, scale=scale, cfg=cfg, num=num)
@@ -221,7 +221,7 @@ def chunk_states(intra, h0s, segments, *, cfg: ChunkConfig, num: Numerics):
     BH, Tp, _ = intra["u"].shape
     NT = Tp // CHUNK
     bv = state_tile_v(cfg.state_block_v, K, V)
-    parts = min(cfg.state_parts, NT)
+    parts = state_runs(cfg.state_parts, BH * (V // bv), NT)
     names = ("y", "u", "kt", "gc")
     kernel = functools.partial(_states_kernel, H=H, NT=NT, parts=parts, bv=bv, num=num)
     return pl.pallas_call(

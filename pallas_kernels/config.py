@@ -24,6 +24,7 @@ MAX_STATE_TILE = 128 * 64
 MIN_TILE = 16
 WARPS = (1, 2, 4, 8, 16)
 SOLVE_CHOICES = ("float32", "tf32x3", "tf32")
+CUMSUMS = ("xla", "pallas")
 # How the forward is cut into launches (pallas_kernels/README.md): "fused" builds everything that
 # does not depend on the state in one program per (chunk, head) and emits the output inside the
 # state pass; "split" separates the solve from the WY apply and the output from the state pass;
@@ -61,6 +62,21 @@ def state_tile_v(block_v: int, K: int, V: int) -> int:
     return min(block_v, V, MAX_STATE_TILE // K)
 
 
+# The state passes' automatic run count: enough runs for about this many programs, at most
+# MAX_STATE_RUNS. On an H100 the forward state pass at 1x16384 (32 programs) took 0.561 ms in 4
+# runs, 0.602 in 8, 0.736 in 16 and 1.005 in one; at 4x4096 (128 programs) 2 runs made the op
+# slower (1.84 against 1.69 ms forward; benchmarks/RESULTS.md, 2026-12-08).
+STATE_PASS_PROGRAMS = 128
+MAX_STATE_RUNS = 8
+
+
+def state_runs(parts: int | None, programs: int, NT: int) -> int:
+    """The runs of a row's NT chunks a state pass of `programs` programs per run walks."""
+    if parts is None:
+        parts = min(MAX_STATE_RUNS, max(1, STATE_PASS_PROGRAMS // programs))
+    return min(parts, NT)
+
+
 def _is_power_of_two(n) -> bool:
     return isinstance(n, int) and n > 0 and not n & (n - 1)
 
@@ -71,13 +87,13 @@ def _check_tile(owner: str, name: str, value) -> None:
 
 
 def _check_tiles(config, counts=()) -> None:
-    """Every int field a tile, except the `counts` (each an int >= 1)."""
+    """Every int field a tile, except the `counts` (each None or an int >= 1)."""
     owner = type(config).__name__
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
         if field.name in counts:
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{owner}.{field.name} must be an int >= 1, got {value!r}")
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{owner}.{field.name} must be None or an int >= 1, got {value!r}")
         elif value is not None and not isinstance(value, (Launch, str)):
             _check_tile(owner, field.name, value)
 
@@ -124,11 +140,20 @@ def dstate_launch(launch: Launch, K: int) -> Launch:
 class ChunkConfig:
     """Tiles of the chunkwise forward and backward kernels (K, V, a block are clipped to K, V)."""
 
+    # Where G = cumsum(g) and each chunk's total decay are formed (CUMSUMS): "xla" (jnp.cumsum,
+    # then a transpose to the per-head layout) or "pallas" (one launch writing that layout).
+    # The XLA form and its transpose take ~0.33 ms at 4x4096 on an H100 (benchmarks/RESULTS.md,
+    # 2026-12-08); the launch has not been timed yet.
+    cumsum: str = "xla"
+    cumsum_block_k: int = 64  # K columns per program of the cumsum launch
+    cumsum_launch: Launch = Launch(num_warps=4, num_stages=1)
     # 32-wide K slices beat 64 in the H100 sweep (benchmarks/RESULTS.md, 2026-11-26 session 2).
     intra_block_k: int = 32  # K slice of the off-diagonal score loop (forward intra kernel)
     aux_block: int = 64  # column slice of U, Y, Q_γ, K_tail (forward intra kernel)
-    # 2 warps: 2.26 against 2.49 ms with 4 at 4x4096 on an H200 (benchmarks/RESULTS.md).
-    intra: Launch = Launch(num_warps=2, num_stages=1)
+    # 2 warps: 2.26 against 2.49 ms with 4 at 4x4096 on an H200 (benchmarks/RESULTS.md). Under
+    # the prep split this launches the solve alone, whose loads 2 stages overlap with its
+    # products: 0.456 against 0.585 ms at 4x4096 on an H100 (ncu: it issued in 27% of cycles).
+    intra: Launch = Launch(num_warps=2, num_stages=2)
     solve: str = "float32"  # precision of the triangular solve's block merges: SOLVE_CHOICES
     diag: Launch = Launch(num_warps=2, num_stages=1)  # the forward's diagonal 16x16 blocks
     diag_store: str = "tile"  # DIAG_STORES
@@ -145,8 +170,8 @@ class ChunkConfig:
     state_block_v: int = 64  # V columns of the carried state per program (forward state pass)
     # Runs each row's chunks are cut into for the state passes (forward and reverse), walked
     # side by side (pallas_kernels/state_walk.py): more programs where B·H is small; 1: one
-    # serial walk.
-    state_parts: int = 1
+    # serial walk; None: `state_runs` picks from the programs the walk has.
+    state_parts: int | None = None
     state: Launch = Launch(num_warps=4, num_stages=2)
     dstate_block_v: int = 64  # V columns of the carried state gradient (reverse state pass)
     dstate: Launch = Launch(num_warps=4, num_stages=2)
@@ -172,6 +197,7 @@ class ChunkConfig:
 
     # Which dimension each tile splits (aux_block slices both).
     TILED = (
+        ("cumsum_block_k", "K"),
         ("intra_block_k", "K"),
         ("diag_block_k", "K"),
         ("diag_loop_block_k", "K"),
@@ -189,6 +215,7 @@ class ChunkConfig:
     def __post_init__(self):
         _check_tiles(self, counts=("state_parts",))
         for name, choices in (
+            ("cumsum", CUMSUMS),
             ("solve", SOLVE_CHOICES),
             ("diag_store", DIAG_STORES),
             ("diag_grid", DIAG_GRIDS),
@@ -256,13 +283,14 @@ class RecurrentConfig:
 DEFAULT_CHUNK_CONFIG = ChunkConfig()
 # float32 tiles are twice the bytes: the state passes' multi-stage pipelines would ask for more
 # shared memory than an H100 has (262 KB requested, 227 KB available).
-# The intra tiles and the forward's structure stay as they were before the bf16 tuning, which
-# was not timed in float32.
+# The intra tiles, the forward's structure and the serial state walks stay as they were before
+# the bf16 tuning, which was not timed in float32.
 FLOAT32_CHUNK_CONFIG = dataclasses.replace(
     DEFAULT_CHUNK_CONFIG,
     structure="fused",
     diag_inverse="substitution",
     diag_loop_block_k=None,
+    state_parts=1,
     state=Launch(4, 1),
     dstate=Launch(4, 1),
     intra=Launch(4, 1),

@@ -14,7 +14,7 @@ import pytest
 import torch
 from fla.ops.gdn2.naive import naive_recurrent_gdn2
 from op_testing import OpBackendTests
-from testing import kernel_launches, kernel_names
+from testing import kernel_launches, kernel_names, primitives_outside_kernels
 
 import pallas_kernels
 from gdn2_jax.crosscheck import NAMES, Shape, make_inputs, rel_err
@@ -31,6 +31,7 @@ from pallas_kernels import (
 )
 from pallas_kernels.chunk_fwd import chunk_diag
 from pallas_kernels.common import numerics_for
+from pallas_kernels.config import MAX_STATE_RUNS, STATE_PASS_PROGRAMS, state_runs
 from pallas_kernels.recurrent import recurrent
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -93,7 +94,9 @@ class TestPallasSplitBackend(TestPallasBackend):
     def test_the_op_runs_the_split_launches(self):
         x = make_inputs(49, Shape(T=70))
         args = [jnp.asarray(x[n]) for n in NAMES[:6]]
-        assert kernel_names(self.op, *args) == {**SPLIT_FORWARD, "gdn2_chunk_fwd_output": 1}
+        # Two chunks of 4 heads: the default state walk runs in two runs, hence their maps.
+        expected = {**SPLIT_FORWARD, "gdn2_chunk_fwd_output": 1, "gdn2_chunk_fwd_part_maps": 1}
+        assert kernel_names(self.op, *args) == expected
 
         def loss(*a):
             return jnp.sum(self.op(*a)[0])
@@ -299,8 +302,53 @@ def test_state_pass_in_runs_keeps_a_nan_gradient_in_its_sequence():
         assert rel_err(a[:, :128], b[:, :128]) <= 1e-5
 
 
+def test_state_runs_follow_the_programs_of_the_walk():
+    """state_parts None: enough runs for ~STATE_PASS_PROGRAMS programs, at most MAX_STATE_RUNS
+    and the chunk count; an explicit count is kept (up to the chunks)."""
+    assert state_runs(None, 32, 256) == STATE_PASS_PROGRAMS // 32 == 4  # 1x16384, H = 16
+    assert state_runs(None, STATE_PASS_PROGRAMS, 64) == 1  # 4x4096: already enough programs
+    assert state_runs(None, 2, 256) == MAX_STATE_RUNS
+    assert state_runs(None, 2, 3) == 3
+    assert state_runs(5, 2, 3) == 3 and state_runs(2, 1000, 64) == 2
+    # The bf16 default at one long sequence of few heads walks in runs, forward and backward.
+    x = make_inputs(56, Shape(B=1, T=512, H=2, K=32, V=32))
+    args = [jnp.asarray(x[n], jnp.float32 if n == "g" else jnp.bfloat16) for n in NAMES[:6]]
+
+    def loss(*a):
+        return jnp.sum(gated_delta_rule2(*a, backend="pallas", interpret=True)[0])
+
+    names = kernel_names(jax.grad(loss, argnums=tuple(range(6))), *args)
+    assert names["gdn2_chunk_fwd_part_maps"] == 1 and names["gdn2_chunk_bwd_part_maps"] == 1
+
+
+@pytest.mark.parametrize("structure", ["fused", "split_prep"])
+def test_cumsum_launch_matches_xla_core(structure):
+    """cumsum="pallas": G and each chunk's total decay from one launch (two K tiles of 16 at
+    K = 32), extreme gates and packed sequences, every gradient; the launch is in the traced
+    program and XLA's cumsum is not."""
+    cfg = dataclasses.replace(SMALL_TILES, structure=structure, cumsum="pallas", cumsum_block_k=16)
+    shape = Shape(B=1, T=192, H=2, K=32, V=32)
+    _assert_core_matches_xla_core(cfg, shape, seed=58, chunk_bounds=(0, 1, 1, 3))
+    x = make_inputs(58, shape)
+    args = [jnp.asarray(x[n]) for n in NAMES[:6]]
+    h0s = jnp.zeros((2, 1, 2, 32, 32), jnp.float32)
+
+    def core(*a):
+        return pallas_chunk_core(*a, h0s, dense_segments(3), 0.3, 64, cfg, True)
+
+    assert kernel_names(core, *args)["gdn2_chunk_cumsum"] == 1
+    assert primitives_outside_kernels(core, *args)["cumsum"] == 0
+    default = dataclasses.replace(cfg, cumsum="xla")
+    assert (
+        primitives_outside_kernels(
+            lambda *a: pallas_chunk_core(*a, h0s, dense_segments(3), 0.3, 64, default, True), *args
+        )["cumsum"]
+        == 1
+    )
+
+
 def test_state_parts_must_be_a_positive_int():
-    with pytest.raises(ValueError, match="state_parts must be an int >= 1"):
+    with pytest.raises(ValueError, match="state_parts must be None or an int >= 1"):
         ChunkConfig(state_parts=0)
 
 

@@ -178,6 +178,16 @@ def test_state_pass_in_runs_production_heads(dtype, monkeypatch):
     _check_production_heads((128, 128), dtype, {"gdn2_chunk_fwd_part_maps": 1})
 
 
+@pytest.mark.parametrize("dims", [(128, 128), (256, 64)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_cumsum_launch_production_heads(dims, dtype, monkeypatch):
+    """cumsum="pallas" (G and the chunk totals from one launch, lax.cumsum in Triton),
+    compiled for the GPU, against fla's naive recurrence."""
+    cfg = dataclasses.replace(default_chunk_config(dtype), cumsum="pallas")
+    bind_chunk_config(monkeypatch, cfg)
+    _check_production_heads(dims, dtype, {"gdn2_chunk_cumsum": 1})
+
+
 def _check_production_heads(dims, dtype, launches):
     """Extreme gates and initial states; `launches` name -> count in the traced program."""
     x = make_inputs(57, Shape(B=2, T=200, H=2, K=dims[0], V=dims[1]), extreme=True)

@@ -30,6 +30,7 @@ __all__ = [
     "kernel_names",
     "make_fla_layer",
     "patch_fla_for_cpu",
+    "primitives_outside_kernels",
     "rel_err",
 ]
 
@@ -58,6 +59,21 @@ def kernel_names(fn, *args, **kwargs) -> collections.Counter:
     through every nested jaxpr (jit, custom_vjp, shard_map, checkpoint, scan, while)."""
     jaxpr = jax.make_jaxpr(fn)(*args, **kwargs)
     return collections.Counter(eqn.params["name"] for eqn in _pallas_calls(jaxpr.jaxpr))
+
+
+def _outside_kernels(jaxpr):
+    """Every equation of `jaxpr` and its nested jaxprs, except those inside a pallas_call."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        if eqn.primitive.name != "pallas_call":
+            for sub in _sub_jaxprs(eqn):
+                yield from _outside_kernels(sub)
+
+
+def primitives_outside_kernels(fn, *args, **kwargs) -> collections.Counter:
+    """How often each primitive occurs in fn's traced program outside its Pallas kernels."""
+    jaxpr = jax.make_jaxpr(fn)(*args, **kwargs)
+    return collections.Counter(eqn.primitive.name for eqn in _outside_kernels(jaxpr.jaxpr))
 
 
 def kernel_launches(fn, *args, **kwargs) -> dict:
