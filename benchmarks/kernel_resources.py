@@ -1,6 +1,7 @@
 """Registers, spills and shared memory of every Pallas kernel of the chunk op, on any machine.
 
     python benchmarks/kernel_resources.py                          # default config, fwd + bwd
+    python benchmarks/kernel_resources.py --heads 16x256x256       # the largest heads
     python benchmarks/kernel_resources.py --configs structure=split_prep,diag_inverse=doubling \\
         structure=split_prep,diag_blocks=levels,diag=4:1 --forward
 
@@ -32,6 +33,7 @@ from pallas_kernels import default_chunk_config, pallas_chunk_core
 from pallas_kernels.config import CHUNK
 
 DEVICE_KIND = "NVIDIA H100 80GB HBM3"
+SHARED_PER_SM = 232_448  # bytes a program may ask for on Hopper (227 KB)
 TRITON_TARGET = "xla.gpu.triton"
 REGISTERS_PER_SM, MAX_WARPS_PER_SM, MAX_BLOCKS_PER_SM = 65536, 64, 32
 
@@ -76,8 +78,9 @@ def triton_kernels(fn, *args) -> list[Kernel]:
 
 
 def resources(kernel: Kernel, workdir: str) -> dict[str, int]:
-    """REG, LOCAL and STACK (spills, bytes per thread), SHARED (static, bytes per block) of the
-    kernel compiled for sm_90."""
+    """REG, LOCAL and STACK (spills, bytes per thread) of the kernel compiled for sm_90, and
+    SHARED: the shared memory a program asks for at launch (the pipeline stages' buffers and
+    layout conversions included), bytes."""
     import triton
     from triton._C.libtriton import ir as triton_ir
     from triton.backends.compiler import GPUTarget
@@ -99,8 +102,8 @@ def resources(kernel: Kernel, workdir: str) -> dict[str, int]:
     usage = subprocess.run(
         [tool, "--dump-resource-usage", cubin], capture_output=True, text=True, check=True
     ).stdout
-    found = dict(re.findall(r"\b(REG|LOCAL|SHARED|STACK):(\d+)", usage))
-    return {k: int(v) for k, v in found.items()}
+    found = {k: int(v) for k, v in re.findall(r"\b(REG|LOCAL|STACK):(\d+)", usage)}
+    return {**found, "SHARED": compiled.metadata.shared}
 
 
 def occupancy(regs: int, warps: int) -> tuple[int, float]:
@@ -155,7 +158,8 @@ def main(argv=None):
                 print(
                     f"{text or 'default':52s} {kernel.name:34s} {kernel.num_warps:5d} "
                     f"{kernel.num_stages:6d} {r['REG']:4d} {spill:7d} "
-                    f"{r.get('SHARED', 0):8d} {blocks:9d} {occ:5.1f}",
+                    f"{r['SHARED']:8d} {blocks:9d} {occ:5.1f}"
+                    + ("  over the shared memory" if r["SHARED"] > SHARED_PER_SM else ""),
                     flush=True,
                 )
 

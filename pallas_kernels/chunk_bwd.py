@@ -26,7 +26,7 @@ from pallas_kernels.config import (
     NUM_SUB,
     SUB,
     ChunkConfig,
-    dstate_launch,
+    state_pass_launch,
     state_runs,
     state_tile_v,
 )
@@ -160,7 +160,7 @@ def _dstate_part_states(segments, dfinals, reads, BH, NT, parts, *, cfg: ChunkCo
             jax.ShapeDtypeStruct((BH, parts, K, K), F32),
         ],
         grid=(V // bv + K // min(bv, K), BH, parts),
-        compiler_params=compiler_params(dstate_launch(cfg.dstate, K)),
+        compiler_params=compiler_params(state_pass_launch(cfg.dstate, K)),
         interpret=num.interpret,
         name="gdn2_chunk_bwd_part_maps",
     )(*segments, dfinals.astype(F32), *reads)
@@ -190,7 +190,7 @@ def chunk_dstate(intra, saved_shape, segments, do, dfinals, *, cfg: ChunkConfig,
         ],
         grid=(V // bv, BH, parts),
         input_output_aliases={ZEROS_INPUT: 2},
-        compiler_params=compiler_params(dstate_launch(cfg.dstate, K)),
+        compiler_params=compiler_params(state_pass_launch(cfg.dstate, K)),
         interpret=num.interpret,
         name="gdn2_chunk_bwd_dstate",
     )(*segments, dfinals.astype(F32), jnp.zeros(dfinals.shape, F32), *reads, ds_in)

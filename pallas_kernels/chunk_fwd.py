@@ -34,7 +34,15 @@ from pallas_kernels.common import (
     mm_cast,
     row,
 )
-from pallas_kernels.config import CHUNK, NUM_SUB, SUB, ChunkConfig, state_runs, state_tile_v
+from pallas_kernels.config import (
+    CHUNK,
+    NUM_SUB,
+    SUB,
+    ChunkConfig,
+    state_pass_launch,
+    state_runs,
+    state_tile_v,
+)
 from pallas_kernels.state_walk import WalkRefs, part_chunks, state_pass_inputs, walk_chunks
 
 HALF = SUB // 2
@@ -544,7 +552,7 @@ def chunk_state(intra, h0s, segments, out_dtype, *, cfg: ChunkConfig, num: Numer
         out_shape=out_shape,
         grid=(V // bv, BH, parts),
         input_output_aliases={ZEROS_INPUT: 1},
-        compiler_params=compiler_params(cfg.state),
+        compiler_params=compiler_params(state_pass_launch(cfg.state, K)),
         interpret=num.interpret,
         name="gdn2_chunk_fwd_state" + ("_save" if save else ""),
     )(*state_pass_inputs(intra, h0s, segments, names, parts, cfg=cfg, num=num))

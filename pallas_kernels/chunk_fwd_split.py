@@ -33,7 +33,15 @@ from pallas_kernels.chunk_fwd import (
     u_tile,
 )
 from pallas_kernels.common import F32, ZEROS_INPUT, Numerics, compiler_params, iota, mm, mm_cast
-from pallas_kernels.config import CHUNK, NUM_SUB, SUB, ChunkConfig, state_runs, state_tile_v
+from pallas_kernels.config import (
+    CHUNK,
+    NUM_SUB,
+    SUB,
+    ChunkConfig,
+    state_pass_launch,
+    state_runs,
+    state_tile_v,
+)
 from pallas_kernels.state_walk import WalkRefs, part_chunks, state_pass_inputs, walk_chunks
 
 
@@ -232,7 +240,7 @@ def chunk_states(intra, h0s, segments, *, cfg: ChunkConfig, num: Numerics):
         ],
         grid=(V // bv, BH, parts),
         input_output_aliases={ZEROS_INPUT: 0},
-        compiler_params=compiler_params(cfg.state),
+        compiler_params=compiler_params(state_pass_launch(cfg.state, K)),
         interpret=num.interpret,
         name="gdn2_chunk_fwd_states",
     )(*state_pass_inputs(intra, h0s, segments, names, parts, cfg=cfg, num=num))

@@ -123,15 +123,17 @@ class Launch:
             )
 
 
-# The reverse state pass loads K-wide tiles of three arrays per chunk: at K = 256 its two
-# pipeline stages asked for 237,588 B of shared memory on an H100 (232,448 available;
-# benchmarks/RESULTS.md, 2026-12-07), so above this K it runs one stage.
-MAX_PIPELINED_DSTATE_K = 128
+# The state passes (forward and reverse, and their runs' maps) load K-wide tiles of several
+# arrays per chunk: at K = 256 two pipeline stages ask for more shared memory than an H100 SM
+# has (232,448 B): the reverse pass asked for 237,588 B on one (benchmarks/RESULTS.md,
+# 2026-12-07), and the forward pass with its stores for 241,684 by `kernel_resources.py`
+# (53,248 at one stage). Above this K they run one stage.
+MAX_PIPELINED_STATE_K = 128
 
 
-def dstate_launch(launch: Launch, K: int) -> Launch:
-    """The reverse state pass's launch at K: one stage above MAX_PIPELINED_DSTATE_K."""
-    if K <= MAX_PIPELINED_DSTATE_K:
+def state_pass_launch(launch: Launch, K: int) -> Launch:
+    """A state pass's launch at K: one stage above MAX_PIPELINED_STATE_K."""
+    if K <= MAX_PIPELINED_STATE_K:
         return launch
     return dataclasses.replace(launch, num_stages=1)
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels.common import F32, HIGHEST, Numerics, compiler_params, iota, mm_cast
-from pallas_kernels.config import CHUNK, ChunkConfig, state_tile_v
+from pallas_kernels.config import CHUNK, ChunkConfig, state_pass_launch, state_tile_v
 
 
 class WalkRefs(NamedTuple):
@@ -135,7 +135,7 @@ def part_maps(intra, h0s, segments, parts, *, cfg: ChunkConfig, num: Numerics):
             jax.ShapeDtypeStruct((BH, parts, K, K), F32),
         ],
         grid=(V // bv + K // min(bv, K), BH, parts),
-        compiler_params=compiler_params(cfg.state),
+        compiler_params=compiler_params(state_pass_launch(cfg.state, K)),
         interpret=num.interpret,
         name="gdn2_chunk_fwd_part_maps",
     )(seq, first, h0s.astype(F32), *(intra[n] for n in ("y", "u", "kt", "gc")))

@@ -32,3 +32,18 @@ def test_forward_launches_and_their_registers(capsys):
     diag = [int(r[4]) for r in rows if r[1] == "gdn2_chunk_fwd_diag"]
     assert len(diag) == 2 and all(0 < n <= 255 for n in diag)
     assert diag[1] < diag[0]
+
+
+def test_every_default_launch_fits_the_shared_memory_at_the_largest_heads(capsys):
+    """bf16 default, K = V = 256, forward and backward, the state passes in runs: no launch asks
+    for more shared memory than a Hopper program may have (two pipeline stages of the state
+    passes did, 237-242 KB)."""
+    kernel_resources.main(["--heads", "4x256x256", "--configs", "state_parts=2"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    shared = {r[1]: int(r[6]) for r in rows}
+    assert {
+        "gdn2_chunk_fwd_state_save",
+        "gdn2_chunk_bwd_dstate",
+        "gdn2_chunk_fwd_part_maps",
+    } <= set(shared)
+    assert all(0 < n <= kernel_resources.SHARED_PER_SM for n in shared.values()), shared

@@ -442,22 +442,30 @@ def test_chunk_core_at_the_widest_heads_matches_xla_core(dims):
 
 
 @pytest.mark.parametrize("K", [128, 256])
-def test_reverse_state_pass_pipelines_only_where_its_tiles_fit(K):
-    """The gradient's reverse state pass keeps the config's stages up to K = 128 and runs one
-    stage at K = 256, where two asked for more shared memory than a Hopper SM has."""
-    x = make_inputs(47, Shape(B=1, T=64, H=1, K=K, V=64))
+def test_state_passes_pipeline_only_where_their_tiles_fit(K):
+    """Every state pass (forward with its stores, the runs' maps, reverse) keeps the config's
+    stages up to K = 128 and runs one stage at K = 256, where two ask for more shared memory
+    than a Hopper SM has."""
+    x = make_inputs(47, Shape(B=1, T=128, H=1, K=K, V=64))
     args = [jnp.asarray(x[n], jnp.float32 if n == "g" else jnp.bfloat16) for n in NAMES[:6]]
     h0s = jnp.zeros((2, 1, 1, K, 64), jnp.float32)
-    cfg = ChunkConfig()
+    cfg = dataclasses.replace(ChunkConfig(), state_parts=2)
 
     def loss(*a):
-        o, _ = pallas_chunk_core(*a, h0s, dense_segments(1), 0.1, 64, cfg, True)
+        o, _ = pallas_chunk_core(*a, h0s, dense_segments(2), 0.1, 64, cfg, True)
         return o.astype(jnp.float32).sum()
 
-    (launch,) = kernel_launches(jax.grad(loss, argnums=(0,)), *args)["gdn2_chunk_bwd_dstate"]
-    assert cfg.dstate.num_stages == 2
-    assert launch.num_stages == (2 if K == 128 else 1)
-    assert launch.num_warps == cfg.dstate.num_warps
+    launches = kernel_launches(jax.grad(loss, argnums=(0,)), *args)
+    assert cfg.state.num_stages == cfg.dstate.num_stages == 2
+    for name in (
+        "gdn2_chunk_fwd_state_save",
+        "gdn2_chunk_fwd_part_maps",
+        "gdn2_chunk_bwd_part_maps",
+        "gdn2_chunk_bwd_dstate",
+    ):
+        (launch,) = launches[name]
+        assert launch.num_stages == (2 if K == 128 else 1), name
+        assert launch.num_warps == cfg.state.num_warps, name
 
 
 @pytest.mark.parametrize("packed", [False, True])
