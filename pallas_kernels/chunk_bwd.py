@@ -30,7 +30,13 @@ from pallas_kernels.config import (
     state_runs,
     state_tile_v,
 )
-from pallas_kernels.state_walk import any_in_parts, carry_across_parts, part_chunks
+from pallas_kernels.state_walk import (
+    any_in_parts,
+    carry_across_parts,
+    identity_columns,
+    maps_call,
+    part_chunks,
+)
 
 
 class _DstateRefs(NamedTuple):
@@ -139,8 +145,7 @@ def _dstate_part_maps_kernel(
     def _():
         m0 = (col - n_value_tiles) * bm
         ms = pl.ds(pl.multiple_of(m0, bm), bm)
-        identity = (iota((K, bm), 0) == iota((K, bm), 1) + m0).astype(F32)
-        m_ref[bh, part, :, ms] = walk(ms, identity, with_do=False)
+        m_ref[bh, part, :, ms] = walk(ms, identity_columns(K, bm, m0), with_do=False)
 
 
 def _dstate_part_states(segments, dfinals, reads, BH, NT, parts, *, cfg: ChunkConfig, num):
@@ -153,17 +158,10 @@ def _dstate_part_states(segments, dfinals, reads, BH, NT, parts, *, cfg: ChunkCo
     kernel = functools.partial(
         _dstate_part_maps_kernel, H=H, K=K, V=V, NT=NT, parts=parts, bv=bv, num=num
     )
-    n, m = pl.pallas_call(
-        kernel,
-        out_shape=[
-            jax.ShapeDtypeStruct((BH, parts, K, V), F32),
-            jax.ShapeDtypeStruct((BH, parts, K, K), F32),
-        ],
-        grid=(V // bv + K // min(bv, K), BH, parts),
-        compiler_params=compiler_params(state_pass_launch(cfg.dstate, K)),
-        interpret=num.interpret,
-        name="gdn2_chunk_bwd_part_maps",
-    )(*segments, dfinals.astype(F32), *reads)
+    n, m = maps_call(
+        kernel, (*segments, dfinals.astype(F32), *reads), BH=BH, parts=parts, K=K, V=V, bv=bv,
+        launch=cfg.dstate, num=num, name="gdn2_chunk_bwd_part_maps",
+    )  # fmt: skip
     _, first, last = segments
     cut = any_in_parts((first != 0) | (last != 0), parts)
     return carry_across_parts(n, m, cut, reverse=True)

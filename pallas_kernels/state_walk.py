@@ -116,8 +116,28 @@ def _part_maps_kernel(
             X = jnp.where(first_ref[c] != 0, 0.0, X)
             return chunk_update(refs, bh, c, ms, X, num, with_u=False)[1]
 
-        identity = (iota((K, bm), 0) == iota((K, bm), 1) + m0).astype(F32)
-        m_ref[bh, part, :, ms] = jax.lax.fori_loop(*chunks, body, identity)
+        m_ref[bh, part, :, ms] = jax.lax.fori_loop(*chunks, body, identity_columns(K, bm, m0))
+
+
+def identity_columns(K: int, bm: int, m0):
+    """Columns m0 .. m0 + bm of the K x K identity, float32: where a run's M walk starts."""
+    return (iota((K, bm), 0) == iota((K, bm), 1) + m0).astype(F32)
+
+
+def maps_call(kernel, inputs, *, BH, parts, K, V, bv, launch, num: Numerics, name):
+    """N [BH, parts, K, V] and M [BH, parts, K, K] float32 from a runs' maps `kernel`: one
+    program per (tile of N's bv or M's min(bv, K) columns, batch·head, run)."""
+    return pl.pallas_call(
+        kernel,
+        out_shape=[
+            jax.ShapeDtypeStruct((BH, parts, K, V), F32),
+            jax.ShapeDtypeStruct((BH, parts, K, K), F32),
+        ],
+        grid=(V // bv + K // min(bv, K), BH, parts),
+        compiler_params=compiler_params(state_pass_launch(launch, K)),
+        interpret=num.interpret,
+        name=name,
+    )(*inputs)
 
 
 def part_maps(intra, h0s, segments, parts, *, cfg: ChunkConfig, num: Numerics):
@@ -128,17 +148,11 @@ def part_maps(intra, h0s, segments, parts, *, cfg: ChunkConfig, num: Numerics):
     bv = state_tile_v(cfg.state_block_v, K, V)
     seq, first, _ = (x.astype(jnp.int32) for x in segments)
     kernel = functools.partial(_part_maps_kernel, H=H, K=K, V=V, NT=NT, parts=parts, bv=bv, num=num)
-    return pl.pallas_call(
-        kernel,
-        out_shape=[
-            jax.ShapeDtypeStruct((BH, parts, K, V), F32),
-            jax.ShapeDtypeStruct((BH, parts, K, K), F32),
-        ],
-        grid=(V // bv + K // min(bv, K), BH, parts),
-        compiler_params=compiler_params(state_pass_launch(cfg.state, K)),
-        interpret=num.interpret,
+    inputs = (seq, first, h0s.astype(F32), *(intra[n] for n in ("y", "u", "kt", "gc")))
+    return maps_call(
+        kernel, inputs, BH=BH, parts=parts, K=K, V=V, bv=bv, launch=cfg.state, num=num,
         name="gdn2_chunk_fwd_part_maps",
-    )(seq, first, h0s.astype(F32), *(intra[n] for n in ("y", "u", "kt", "gc")))
+    )  # fmt: skip
 
 
 def carry_across_parts(n, m, cut, *, reverse=False):
