@@ -1,4 +1,5 @@
-"""Pallas (Triton lowering) GPU kernels for Gated DeltaNet-2; Pallas interpret mode on request.
+"""Pallas GPU kernels for Gated DeltaNet-2 (Triton lowering; the forward state pass also in Mosaic
+GPU, `ChunkConfig(state_lowering="mosaic")`); Pallas interpret mode on request.
 
 `chunk_core` is the op's chunk core for `backend="pallas"` (see `pallas_kernels.chunk`);
 `recurrent` the token-serial decoding kernel (see `pallas_kernels.recurrent`).

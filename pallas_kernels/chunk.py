@@ -26,6 +26,7 @@ from pallas_kernels.chunk_fwd import chunk_intra, chunk_state
 from pallas_kernels.chunk_fwd_split import chunk_intra_split, chunk_state_split
 from pallas_kernels.common import dims_unsupported, dtypes_unsupported, numerics_for
 from pallas_kernels.config import CHUNK, default_chunk_config
+from pallas_kernels.state_mosaic import chunk_state_mosaic
 
 # The name of the backward's residuals, for remat policies that keep them rather than rerun the
 # forward kernels: gdn2_jax.ops.core.OP_RESIDUALS_NAME, which names the XLA core's the same way.
@@ -68,6 +69,8 @@ def _forward(q, k, v, g, b, w, h0s, segments, scale, chunk_size, cfg, interpret,
     num, cfg = _numerics(q, v, g, chunk_size, cfg, interpret)
     q, k, v, g, b, w = _cast_inputs(q, k, v, g, b, w)
     prep, state = FORWARDS[cfg.structure]
+    if cfg.state_lowering == "mosaic":
+        state = chunk_state_mosaic
     intra = prep(q, k, v, g, b, w, scale=scale, cfg=cfg, num=num)
     outs = state(intra, h0s, segments, q.dtype, cfg=cfg, num=num, save=save)
     return intra, outs

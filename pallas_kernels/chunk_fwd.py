@@ -43,7 +43,13 @@ from pallas_kernels.config import (
     state_runs,
     state_tile_v,
 )
-from pallas_kernels.state_walk import WalkRefs, part_chunks, state_pass_inputs, walk_chunks
+from pallas_kernels.state_walk import (
+    WalkRefs,
+    part_chunks,
+    state_pass_inputs,
+    state_pass_outputs,
+    walk_chunks,
+)
 
 HALF = SUB // 2
 _PAIRS = tuple((i, j) for i in range(1, NUM_SUB) for j in range(i))
@@ -531,20 +537,12 @@ def _state_kernel(
 def chunk_state(intra, h0s, segments, out_dtype, *, cfg: ChunkConfig, num: Numerics, save):
     """The inter-chunk pass. Returns o [B, Tp, H, V], finals [N+1, B, H, K, V] f32 and, with
     `save`, each chunk's initial state s0 [BH, NT, K, V] and residual R [BH, Tp, V]."""
-    _, B, H, K, V = h0s.shape
+    _, _, H, K, V = h0s.shape
     BH, Tp, _ = intra["u"].shape
     NT = Tp // CHUNK
     bv = state_tile_v(cfg.state_block_v, K, V)
     parts = state_runs(cfg.state_parts, BH * (V // bv), NT)
-    out_shape = [
-        jax.ShapeDtypeStruct((B, Tp, H, V), out_dtype),
-        jax.ShapeDtypeStruct(h0s.shape, F32),
-    ]
-    if save:
-        out_shape += [
-            jax.ShapeDtypeStruct((BH, NT, K, V), num.mm_dtype),
-            jax.ShapeDtypeStruct((BH, Tp, V), num.mm_dtype),
-        ]
+    out_shape = state_pass_outputs(h0s, BH, Tp, out_dtype, num.mm_dtype, save=save)
     kernel = functools.partial(_state_kernel, H=H, NT=NT, parts=parts, bv=bv, num=num)
     names = ("y", "u", "qg", "kt", "aqk", "gc")
     outs = pl.pallas_call(

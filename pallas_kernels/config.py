@@ -25,6 +25,10 @@ MIN_TILE = 16
 WARPS = (1, 2, 4, 8, 16)
 SOLVE_CHOICES = ("float32", "tf32x3", "tf32")
 CUMSUMS = ("xla", "pallas")
+# How the forward state pass (with the output, structures "fused" and "split_prep") is lowered:
+# "triton" (`chunk_fwd.chunk_state`) or "mosaic" (`state_mosaic.chunk_state_mosaic`: wgmma
+# products, TMA loads pipelined over chunks; Hopper, 16-bit inputs, K in (64, 128)).
+STATE_LOWERINGS = ("triton", "mosaic")
 # How the forward is cut into launches (pallas_kernels/README.md): "fused" builds everything that
 # does not depend on the state in one program per (chunk, head) and emits the output inside the
 # state pass; "split" separates the solve from the WY apply and the output from the state pass;
@@ -175,6 +179,8 @@ class ChunkConfig:
     # serial walk; None: `state_runs` picks from the programs the walk has.
     state_parts: int | None = None
     state: Launch = Launch(num_warps=4, num_stages=2)
+    # STATE_LOWERINGS. Under "mosaic" `state.num_stages` is the chunks its TMA loads run ahead.
+    state_lowering: str = "triton"
     dstate_block_v: int = 64  # V columns of the carried state gradient (reverse state pass)
     dstate: Launch = Launch(num_warps=4, num_stages=2)
     wy_block_k: int = 32  # K and V tiles of the gate-aware WY backward kernel
@@ -225,10 +231,16 @@ class ChunkConfig:
             ("solve_scores", SOLVE_SCORES),
             ("diag_inverse", DIAG_INVERSES),
             ("structure", STRUCTURES),
+            ("state_lowering", STATE_LOWERINGS),
         ):
             value = getattr(self, name)
             if value not in choices:
                 raise ValueError(f"ChunkConfig.{name} must be one of {choices}, got {value!r}")
+        if self.state_lowering == "mosaic" and self.structure not in ("fused", "split_prep"):
+            raise ValueError(
+                "ChunkConfig.state_lowering='mosaic' lowers the state pass that emits the output "
+                f"(structure 'fused' or 'split_prep'), got structure={self.structure!r}"
+            )
 
     def check_dims(self, K: int, V: int) -> None:
         _check_divides(self, self.TILED, {"K": K, "V": V})

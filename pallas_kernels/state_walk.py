@@ -191,6 +191,19 @@ def part_states(intra, h0s, segments, parts, *, cfg: ChunkConfig, num: Numerics)
     return carry_across_parts(n, m, any_in_parts(segments[1], parts))
 
 
+def state_pass_outputs(h0s, BH: int, Tp: int, out_dtype, mm_dtype, *, save: bool):
+    """A forward state pass's outputs: o [B, Tp, H, V], finals shaped as h0s (float32) and, with
+    `save`, each chunk's S₀ [BH, NT, K, V] and R [BH, Tp, V] in the matmul dtype."""
+    _, B, H, K, V = h0s.shape
+    outs = [jax.ShapeDtypeStruct((B, Tp, H, V), out_dtype), jax.ShapeDtypeStruct(h0s.shape, F32)]
+    if save:
+        outs += [
+            jax.ShapeDtypeStruct((BH, Tp // CHUNK, K, V), mm_dtype),
+            jax.ShapeDtypeStruct((BH, Tp, V), mm_dtype),
+        ]
+    return outs
+
+
 def state_pass_inputs(intra, h0s, segments, names, parts, *, cfg: ChunkConfig, num: Numerics):
     """A forward state pass's inputs in its kernel's order: seq, first, last (int32), the
     initial states, the zeros aliased to the finals (`ZEROS_INPUT`), the intermediates `names`,

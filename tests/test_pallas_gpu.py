@@ -188,6 +188,17 @@ def test_cumsum_launch_production_heads(dims, dtype, monkeypatch):
     _check_production_heads(dims, dtype, {"gdn2_chunk_cumsum": 1})
 
 
+@pytest.mark.parametrize("parts", [1, 3])
+def test_mosaic_state_pass_production_heads(parts, monkeypatch):
+    """state_lowering="mosaic" (the state pass on wgmma with TMA loads), compiled for Hopper,
+    in one walk and in 3 runs, against fla's naive recurrence, every gradient."""
+    cfg = dataclasses.replace(
+        default_chunk_config(jnp.bfloat16), state_lowering="mosaic", state_parts=parts
+    )
+    bind_chunk_config(monkeypatch, cfg)
+    _check_production_heads((128, 128), jnp.bfloat16, {"gdn2_chunk_fwd_state_mosaic": 1})
+
+
 def _check_production_heads(dims, dtype, launches):
     """Extreme gates and initial states; `launches` name -> count in the traced program."""
     x = make_inputs(57, Shape(B=2, T=200, H=2, K=dims[0], V=dims[1]), extreme=True)

@@ -44,10 +44,15 @@ def _sub_jaxprs(eqn):
                 yield item
 
 
+# The primitives of a Pallas kernel launch: pallas_call (Triton lowering) and mpmd_map
+# (`plgpu.kernel`, Mosaic GPU).
+KERNEL_PRIMITIVES = ("pallas_call", "mpmd_map")
+
+
 def _pallas_calls(jaxpr):
-    """Every pallas_call equation of `jaxpr`, through its nested jaxprs."""
+    """Every kernel launch equation of `jaxpr`, through its nested jaxprs."""
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "pallas_call":
+        if eqn.primitive.name in KERNEL_PRIMITIVES:
             yield eqn
             continue
         for sub in _sub_jaxprs(eqn):
@@ -55,7 +60,7 @@ def _pallas_calls(jaxpr):
 
 
 def kernel_names(fn, *args, **kwargs) -> collections.Counter:
-    """How often each named pallas_call occurs in the traced program of fn(*args, **kwargs),
+    """How often each named kernel launch occurs in the traced program of fn(*args, **kwargs),
     through every nested jaxpr (jit, custom_vjp, shard_map, checkpoint, scan, while)."""
     jaxpr = jax.make_jaxpr(fn)(*args, **kwargs)
     return collections.Counter(eqn.params["name"] for eqn in _pallas_calls(jaxpr.jaxpr))
@@ -65,7 +70,7 @@ def _outside_kernels(jaxpr):
     """Every equation of `jaxpr` and its nested jaxprs, except those inside a pallas_call."""
     for eqn in jaxpr.eqns:
         yield eqn
-        if eqn.primitive.name != "pallas_call":
+        if eqn.primitive.name not in KERNEL_PRIMITIVES:
             for sub in _sub_jaxprs(eqn):
                 yield from _outside_kernels(sub)
 
