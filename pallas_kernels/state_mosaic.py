@@ -177,21 +177,21 @@ def _walk(refs: _Refs, scratch: _Scratch, *, H, K, bv, NT, parts, stages):
         (i,) = idx
         return _chunk(refs, scratch, (bi, h, bh, vs), start + i, i % 2, tiles, S)
 
-    def tile(width, dtype, col=lambda: 0):
+    def tile(width, col=0):
+        """Chunk i's [64, width] tile of a per-head array, column block `col`."""
         return plgpu.BlockSpec(
             (None, CHUNK, width),
-            lambda i: (bh, start + i, col()),
-            transforms=_transforms(dtype, width),
+            lambda i: (bh, start + i, col),
+            transforms=_transforms(refs.y.dtype, width),
         )
 
-    dt = refs.y.dtype
     specs = [
         plgpu.BlockSpec((None, 4), lambda i: (start + i, 0)),
-        tile(K, dt),
-        tile(bv, dt, col=lambda: vb),
-        tile(K, dt),
-        tile(K, dt),
-        tile(CHUNK, dt),
+        tile(K),
+        tile(bv, col=vb),
+        tile(K),
+        tile(K),
+        tile(CHUNK),
         plgpu.BlockSpec((None, None, K), lambda i: (bh, start + i, 0)),
     ]
     S = _load_state(refs.s_in.at[bh, part, :, vs], scratch)
